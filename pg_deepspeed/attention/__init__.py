@@ -1,0 +1,79 @@
+"""Prefix-grouped attention: `prefix_grouper_attention` and its backends.
+
+Backends (one module each, one contract, see `cpu.py`):
+  "flash_attn"  the flash-attn package's varlen kernels (CUDA, fp16/bf16)
+  "torch"       PyTorch's own CUDA flash varlen kernels (CUDA, fp16/bf16)
+  "cpu"         per-sequence fused CPU kernel; a matmul path on other devices; any dtype
+  "auto"        the first of those that can run on the inputs
+"""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..layout import PrefixGroupLayout
+from . import cpu, flash, torch_cuda
+from .function import PrefixGroupedAttention
+
+BACKENDS: dict[str, ModuleType] = {"flash_attn": flash, "torch": torch_cuda, "cpu": cpu}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module for `name` ("auto" picks the fastest that can run); raises if it cannot run."""
+    if name == "auto":
+        for module in BACKENDS.values():
+            if module.available(device, dtype) is None:
+                return module
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    reason = BACKENDS[name].available(device, dtype)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return BACKENDS[name]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: PrefixGroupLayout) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [T, H, D], got shape {tuple(x.shape)}")
+        if x.shape[0] != layout.num_tokens:
+            raise ValueError(f"{name} has {x.shape[0]} tokens but the layout packs {layout.num_tokens}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device or layout.device != q.device:
+        raise ValueError(
+            f"devices differ: q {q.device}, k {k.device}, v {v.device}, layout {layout.device}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head dims differ: q has {q.shape[2]}, k has {k.shape[2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def prefix_grouper_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: PrefixGroupLayout,
+    *,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention over a prefix-grouped packed batch.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0; returns [T, Hq, D].
+    A prefix token attends causally within its prefix; a suffix token attends to its group's
+    whole prefix and causally to its own suffix. Outputs and gradients equal plain causal
+    attention over `[prefix_g ; suffix_gi]` for every member.
+    """
+    _check_inputs(q, k, v, layout)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    module = resolve_backend(backend, q.device, q.dtype)
+    return PrefixGroupedAttention.apply(q, k, v, layout, module, scale)

@@ -1,0 +1,55 @@
+"""The prefix-grouped attention as one autograd Function over any backend module."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..layout import PrefixGroupLayout
+from .merge import merge_attention
+
+
+class PrefixGroupedAttention(torch.autograd.Function):
+    """Exact attention for `[prefix | suffix_1 | ... | suffix_G]` with the prefix K/V stored once.
+
+    Keys of a suffix token split into two disjoint sets, each one varlen pass:
+      causal pass: every segment (prefix, each suffix) causally over itself   -> (O_c, L_c)
+      cross pass:  each group's suffix queries over that group's prefix keys  -> (O_x, L_x)
+    Forward merges on suffix rows: L = logaddexp(L_c, L_x), O = e^(L_c-L) O_c + e^(L_x-L) O_x.
+    Backward: a flash backward recomputes P = exp(q kᵀ s - L) and uses D = rowsum(dO ∘ O); given
+    the merged (O, L) both are the true ones restricted to the pass's keys, so
+    dq = dq_c + dq_x, and dk, dv are the causal parts plus the cross parts scattered onto the prefix.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout: PrefixGroupLayout, backend: ModuleType, scale: float):
+        L = layout
+        out, lse = backend.forward(q, k, v, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale)
+        si, pi = L.suffix_index, L.prefix_index
+        out_x, lse_x = backend.forward(
+            q[si], k[pi], v[pi], L.cu_suffix, L.cu_prefix, L.max_suffix_block, L.max_prefix, False, scale
+        )
+        out_s, lse_s = merge_attention(out[si], lse[:, si], out_x, lse_x)
+        out = out.index_copy(0, si, out_s)
+        lse = lse.index_copy(1, si, lse_s)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.backend, ctx.scale = layout, backend, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        L, backend, scale = ctx.layout, ctx.backend, ctx.scale
+        si, pi = L.suffix_index, L.prefix_index
+        dq, dk, dv = backend.backward(
+            dout, q, k, v, out, lse, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale
+        )
+        dq_x, dk_x, dv_x = backend.backward(
+            dout[si], q[si], k[pi], v[pi], out[si], lse[:, si].contiguous(),
+            L.cu_suffix, L.cu_prefix, L.max_suffix_block, L.max_prefix, False, scale,
+        )
+        dq = dq.index_add(0, si, dq_x)
+        dk = dk.index_add(0, pi, dk_x)
+        dv = dv.index_add(0, pi, dv_x)
+        return dq, dk, dv, None, None, None

@@ -45,23 +45,28 @@ def _fold_heads(dx: Tensor, groups: int) -> Tensor:
     return dx
 
 
+def _acc(x: Tensor) -> Tensor:
+    """x in its accumulation dtype: float32 for half types, else its own."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    s = (_acc(q) @ _acc(k).transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
-    return (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
+    return (torch.exp(s - lse.unsqueeze(-1)) @ _acc(v)).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
+    qf, kf, vf, dof = _acc(q), _acc(k), _acc(v), _acc(dout)
     s = (qf @ kf.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     p = torch.exp(s - lse.unsqueeze(-1))
     dv = p.transpose(-1, -2) @ dof
     dp = dof @ vf.transpose(-1, -2)
-    ds = p * (dp - (dof * out.float()).sum(-1, keepdim=True))
+    ds = p * (dp - (dof * _acc(out)).sum(-1, keepdim=True))
     return (ds @ kf * scale).to(q.dtype), (ds.transpose(-1, -2) @ qf * scale).to(k.dtype), dv.to(v.dtype)
 
 

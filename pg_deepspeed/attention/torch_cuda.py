@@ -7,8 +7,9 @@ handed to the backward is a placeholder. Same contract as `cpu.py`.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
-from torch import Tensor
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -24,8 +25,13 @@ def available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+kernels = SimpleNamespace(
+    forward=torch.ops.aten._flash_attention_forward, backward=torch.ops.aten._flash_attention_backward
+)
+
+
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    out, lse, _rng, _unused, _mask = torch.ops.aten._flash_attention_forward(
+    out, lse, _rng, _unused, _mask = kernels.forward(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )
     return out, lse
@@ -34,7 +40,7 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.empty(0, device=q.device)
-    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+    dq, dk, dv = kernels.backward(
         dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng_state, unused, scale=scale
     )
     return dq, dk, dv

@@ -1,0 +1,187 @@
+"""prefix_grouper_attention against the repeated-prefix reference: outputs and gradients, random layouts."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pg_deepspeed import PrefixGroupLayout, prefix_grouper_attention
+from pg_deepspeed.attention import cpu, flash, torch_cuda
+from pg_deepspeed.attention.function import PrefixGroupedAttention
+from reference import repeated_prefix_attention
+import doubles
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_both(prefix, suffix, hq, hkv, d, dtype, seed=0, attention=None):
+    """(ours, reference) as (out, dq, dk, dv) for the same inputs and output gradient."""
+    torch.manual_seed(seed)
+    layout = PrefixGroupLayout.from_lengths(prefix, suffix)
+    T = layout.num_tokens
+    q = torch.randn(T, hq, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(T, hkv, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(T, hkv, d, dtype=dtype, requires_grad=True)
+    attention = attention or (lambda q, k, v, layout: prefix_grouper_attention(q, k, v, layout, backend="cpu"))
+    ours = attention(q, k, v, layout)
+    dout = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), dout)
+    ref = repeated_prefix_attention(q.double(), k.double(), v.double(), prefix, suffix)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    return (ours, *ours_grads), (ref, *ref_grads)
+
+
+layouts = st.integers(1, 4).flatmap(
+    lambda groups: st.tuples(
+        st.lists(st.integers(1, 300), min_size=groups, max_size=groups),
+        st.lists(st.lists(st.integers(1, 100), min_size=1, max_size=8), min_size=groups, max_size=groups),
+    )
+)
+heads = st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 1), (8, 2)])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, heads=heads, d=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16))
+def test_float64_matches_reference_within_1e_10(layout, heads, d, seed):
+    ours, ref = run_both(*layout, *heads, d, torch.float64, seed)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, b) <= 1e-10, name
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, heads=heads, d=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16))
+def test_float32_matches_reference_within_1e_5(layout, heads, d, seed):
+    ours, ref = run_both(*layout, *heads, d, torch.float32, seed)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a.double(), b) <= 1e-5, name
+
+
+def test_prefix_rows_equal_for_every_member_count():
+    """The prefix outputs do not depend on how many members share it."""
+    torch.manual_seed(1)
+    one = PrefixGroupLayout.from_lengths([40], [[5]])
+    many = PrefixGroupLayout.from_lengths([40], [[5, 9, 2]])
+    q = torch.randn(many.num_tokens, 2, 32, dtype=torch.float64)
+    out_many = prefix_grouper_attention(q, q, q, many, backend="cpu")
+    out_one = prefix_grouper_attention(q[:45], q[:45], q[:45], one, backend="cpu")
+    assert torch.allclose(out_many[:45], out_one, rtol=0, atol=1e-12)
+
+
+def test_suffix_never_sees_other_members():
+    """Changing member 2's tokens leaves member 1's outputs bit-for-bit unchanged."""
+    torch.manual_seed(2)
+    layout = PrefixGroupLayout.from_lengths([10], [[4, 6]])
+    x = torch.randn(layout.num_tokens, 2, 16, dtype=torch.float64)
+    y = x.clone()
+    y[14:] += 1.0
+    a = prefix_grouper_attention(x, x, x, layout, backend="cpu")
+    b = prefix_grouper_attention(y, y, y, layout, backend="cpu")
+    assert torch.equal(a[:14], b[:14])
+    assert not torch.allclose(a[14:], b[14:])
+
+
+def test_bfloat16_error_no_larger_than_dense_bfloat16_attention():
+    torch.manual_seed(3)
+    prefix, suffix = [200, 64], [[30, 12, 50], [7, 7]]
+    layout = PrefixGroupLayout.from_lengths(prefix, suffix)
+    q, k, v = (torch.randn(layout.num_tokens, 4, 64) for _ in range(3))
+    exact = repeated_prefix_attention(q.double(), k.double(), v.double(), prefix, suffix)
+    ours = prefix_grouper_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, backend="cpu")
+    dense = repeated_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), prefix, suffix)
+    assert rel_err(ours.double(), exact) <= 2 * rel_err(dense.double(), exact)
+
+
+def test_cpu_matmul_path_matches_fused_kernel():
+    """cpu.py's non-CPU-device path (plain matmuls) agrees with the fused CPU kernel, forward and backward."""
+    torch.manual_seed(4)
+    q, k, v, dout = (torch.randn(1, 4, 37, 32, dtype=torch.float64) for _ in range(4))
+    for causal in (True, False):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=0.2)
+        m_out, m_lse = cpu._math_forward(q, k, v, causal, 0.2)
+        assert torch.allclose(m_out, out, atol=1e-12) and torch.allclose(m_lse, lse, atol=1e-12)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=0.2
+        )
+        for a, b in zip(cpu._math_backward(dout, q, k, v, out, lse, causal, 0.2), grads):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+# ---------------------------------------------------------------- GPU backends through contract doubles
+@pytest.fixture
+def flash_double(monkeypatch):
+    monkeypatch.setattr(
+        flash, "_kernels",
+        SimpleNamespace(forward=doubles.flash_attn_varlen_forward, backward=doubles.flash_attn_varlen_backward),
+    )
+    return flash
+
+
+@pytest.fixture
+def torch_flash_double(monkeypatch):
+    monkeypatch.setattr(
+        torch_cuda, "kernels",
+        SimpleNamespace(forward=doubles.aten_flash_attention_forward, backward=doubles.aten_flash_attention_backward),
+    )
+    return torch_cuda
+
+
+@pytest.mark.parametrize("backend_fixture", ["flash_double", "torch_flash_double"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_gpu_backend_calls_match_reference_through_contract_double(backend_fixture, heads, request):
+    """Our calls into the flash kernels (cu_seqlens, lse layout, merged out/lse in backward) are exact.
+
+    The contract's lse is float32, so float64 inputs agree to float32 precision of the merge weights.
+    """
+    module = request.getfixturevalue(backend_fixture)
+    attention = lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout, module, q.shape[-1] ** -0.5)
+    ours, ref = run_both([33, 8, 120], [[5, 1, 17], [9], [40, 3]], *heads, 64, torch.float64, attention=attention)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, b) <= 1e-6, name
+
+
+# ---------------------------------------------------------------- bad input
+def layout_and_qkv(hq=4, hkv=2, d=16, dtype=torch.float32):
+    layout = PrefixGroupLayout.from_lengths([6, 3], [[2, 2], [1]])
+    T = layout.num_tokens
+    return layout, torch.randn(T, hq, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype)
+
+
+def test_rejects_heads_not_divisible():
+    layout, q, k, v = layout_and_qkv(hq=3, hkv=2)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
+        prefix_grouper_attention(q, k, v, layout)
+
+
+def test_rejects_token_count_mismatch():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(ValueError, match=r"q has 13 tokens but the layout packs 14"):
+        prefix_grouper_attention(q[:-1], k, v, layout)
+
+
+def test_rejects_dtype_mismatch():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(TypeError, match="dtypes differ"):
+        prefix_grouper_attention(q, k.double(), v, layout)
+
+
+def test_rejects_layout_on_other_device():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(ValueError, match="devices differ"):
+        prefix_grouper_attention(q, k, v, layout.to("meta"))
+
+
+def test_unavailable_backend_says_what_is_missing():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(RuntimeError, match="backend 'torch' needs CUDA tensors"):
+        prefix_grouper_attention(q, k, v, layout, backend="torch")
+    with pytest.raises(RuntimeError, match="flash"):
+        prefix_grouper_attention(q, k, v, layout, backend="flash_attn")
+
+
+def test_unknown_backend_is_named():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
+        prefix_grouper_attention(q, k, v, layout, backend="triton")

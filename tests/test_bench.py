@@ -1,0 +1,110 @@
+"""The benchmark harness: FLOP-limit maths against hand-computed values, and a tiny CPU run."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.flops import (
+    attention_flops_per_pair,
+    attention_pair_ratio,
+    attention_pairs,
+    flop_count,
+    flop_limit,
+    linear_flops_per_token,
+    token_ratio,
+)
+from benchmarks.report import COLUMNS, Row, format_table, read_csv, write_csv
+from benchmarks.shapes import ModelShape, get_shape
+
+REPO = Path(__file__).resolve().parent.parent
+
+# 1 layer, h=4, 2 heads of D=2, 1 kv head, MLP 8, vocab 10
+SMALL = ModelShape("small", layers=1, hidden=4, heads=2, kv_heads=1, intermediate=8, vocab=10, tie_embeddings=False)
+
+
+def test_token_ratio_matches_the_issue_formula_at_the_cpu_preset():
+    # G(P+S)/(P+GS) = 8*2176 / (2048+1024)
+    assert token_ratio(2048, 128, 8) == pytest.approx(17408 / 3072, rel=1e-12)
+
+
+def test_attention_pair_ratio_matches_the_issue_formula_at_the_cpu_preset():
+    # G(P+S)^2 / (P^2 + GS(2P+S)) = 8*2176^2 / (2048^2 + 8*128*4224)
+    assert attention_pair_ratio(2048, 128, 8) == pytest.approx(37879808 / 8519680, rel=1e-12)
+
+
+def test_ratios_are_one_for_a_single_member():
+    assert token_ratio(100, 7, 1) == 1.0
+    assert attention_pair_ratio(100, 7, 1) == 1.0
+
+
+def test_exact_pairs_count_by_hand():
+    # P=2, S=1, G=2. baseline: two sequences of 3 -> 2 * 6 = 12.
+    # grouped: prefix 3 pairs; each suffix token sees 2 prefix keys and itself -> 3 + 2*3 = 9.
+    assert attention_pairs(2, 1, 2, grouped=False) == 12
+    assert attention_pairs(2, 1, 2, grouped=True) == 9
+
+
+def test_exact_pairs_approach_the_continuum_ratio_for_long_sequences():
+    exact = attention_pairs(8192, 512, 16, grouped=False) / attention_pairs(8192, 512, 16, grouped=True)
+    assert exact == pytest.approx(attention_pair_ratio(8192, 512, 16), rel=1e-3)
+
+
+def test_per_token_and_per_pair_flops_by_hand():
+    # q 4*4, k and v 4*2 each, o 4*4, mlp 3*4*8 -> 16+16+16+96 = 144 MACs -> 288 FLOPs
+    assert linear_flops_per_token(SMALL) == 288
+    # QK^T and PV, each D multiply-adds per head: 2 matmuls * 2 FLOPs * D=2 * 2 heads = 16
+    assert attention_flops_per_pair(SMALL) == 16
+
+
+def test_flop_limit_by_hand():
+    # P=2, S=1, G=2, fwd+bwd = 3x forward (cancels in the ratio).
+    # baseline: 6 tokens * 288 + 12 pairs * 16 + 2 head tokens * 2*4*10 = 1728 + 192 + 160 = 2080
+    # grouped:  4 tokens * 288 +  9 pairs * 16 + 160                      = 1152 + 144 + 160 = 1456
+    assert flop_count(SMALL, 2, 1, 2, grouped=False).total == 3 * 2080
+    assert flop_limit(SMALL, 2, 1, 2) == pytest.approx(2080 / 1456, rel=1e-12)
+
+
+def test_flop_limit_lies_between_one_and_the_token_ratio():
+    shape = get_shape("1.5b")
+    limit = flop_limit(shape, 8192, 512, 16)
+    assert 1.0 < limit < token_ratio(8192, 512, 16)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_flop_maths_rejects_non_positive_lengths(bad):
+    with pytest.raises(ValueError, match="P must be a positive int"):
+        token_ratio(bad, 4, 2)
+
+
+def test_unknown_shape_names_the_choices():
+    with pytest.raises(ValueError, match="1.5b"):
+        get_shape("13b")
+
+
+def test_csv_round_trips_and_table_has_one_line_per_row(tmp_path):
+    rows = [Row(64, 16, 2, "ours", 1.5, 10.0, 1.4, 1.1, 1.6, 87.5), Row(64, 16, 2, "peer", 2.0, 20.0, 1.05,
+                                                                         1.0, 1.6, 65.6)]
+    write_csv(rows, tmp_path / "x.csv")
+    assert read_csv(tmp_path / "x.csv") == rows
+    assert len(format_table(rows).splitlines()) == 2 + len(rows)
+
+
+def test_cpu_preset_smoke_run_writes_finite_outputs(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--preset", "ci", "-P", "24", "-S", "8",
+           "-G", "2", "3", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "bench_logprobs.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [list(line) for line in lines] == [COLUMNS] * 6  # 2 group sizes x 3 variants
+    assert {line["variant"] for line in lines} == {"baseline", "peer", "ours"}
+    numbers = [float(line[c]) for line in lines for c in ("time_ms", "peak_mib", "speedup_vs_baseline",
+                                                          "speedup_vs_peer", "flop_limit", "pct_of_limit")]
+    assert all(math.isfinite(x) for x in numbers)
+    assert (tmp_path / "bench_logprobs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "agreement" in done.stdout

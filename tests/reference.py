@@ -39,3 +39,51 @@ def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None):
                 out[pre] = o[:p]
             out[suf] = o[p:]
     return out
+
+
+def padded_completion_logprobs(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, temperature=1.0
+):
+    """The standard batch through an unpatched causal LM: each prompt repeated G times beside its completion.
+
+    prompt_*: [B, Lp] (any padding), completion_*: [N, Lc] right-padded; returns (logps, entropies),
+    both [N, Lc] float32 and 0 at masked places. Full [N, L, V] logits, TRL's temperature, softcap
+    and logit scale (`logit_scale` / `logits_scaling` only), positions counted over real tokens.
+    """
+    sizes = [group_size] * prompt_ids.shape[0] if isinstance(group_size, int) else list(group_size)
+    repeats = torch.tensor(sizes)
+    ids = torch.cat([prompt_ids.repeat_interleave(repeats, 0), completion_ids], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(repeats, 0), completion_mask], 1)
+    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
+    config = model.config
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits / temperature
+    Lc = completion_ids.shape[1]
+    logits = logits[:, -Lc - 1 : -1]
+    logp_all = torch.log_softmax(logits, -1)
+    logps = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)
+    entropies = -(logp_all.exp() * logp_all).sum(-1)
+    keep = completion_mask.bool()
+    return logps.masked_fill(~keep, 0.0), entropies.masked_fill(~keep, 0.0)
+
+
+def member_hidden_states(model, prompt_ids_per_group, completion_ids_per_member, group_size):
+    """Last hidden states of each `[prompt ; completion]` forwarded alone through an unpatched decoder.
+
+    Returns a list over members of [P_g + S_n, H] tensors.
+    """
+    sizes = [group_size] * len(prompt_ids_per_group) if isinstance(group_size, int) else list(group_size)
+    out, n = [], 0
+    for prompt, size in zip(prompt_ids_per_group, sizes):
+        for _ in range(size):
+            ids = torch.cat([prompt, completion_ids_per_member[n]])[None]
+            out.append(model(input_ids=ids).last_hidden_state[0])
+            n += 1
+    return out

@@ -1,0 +1,194 @@
+"""Per-token log-probs of GRPO completions with each prompt forwarded once per group.
+
+`completion_logprobs` is a drop-in for a GRPO trainer's per-token log-prob function (TRL's
+`_get_per_token_logps_and_entropies`). The batch is packed by a `PrefixGroupLayout`, the patched
+decoder runs once over `[1, T]`, and the LM head runs only on the Ts rows that predict completion
+tokens, a chunk of rows at a time, recomputed chunk by chunk in backward.
+
+Shapes: B prompts, N = sum(G_g) completions, Lp / Lc padded widths, T packed tokens,
+Ts = sum of completion lengths, H hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .layout import PrefixGroupLayout
+from .patch import unwrap_model
+
+GroupSize = Union[int, Sequence[int]]
+DEFAULT_CHUNK_SIZE = 512
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """TRL's logits: `softcap(logits * scale) / temperature` (softcap x -> cap * tanh(x / cap))."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Any, temperature: float) -> "LogitTransform":
+        scale = 1.0
+        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+            if getattr(config, name, None) is not None:
+                scale = float(getattr(config, name))
+                break
+        else:
+            if getattr(config, "logits_scaling", None) is not None:
+                scale = 1.0 / float(config.logits_scaling)
+        return cls(scale, getattr(config, "final_logit_softcapping", None), float(temperature))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+
+def _head_chunk(
+    lm_head: nn.Module, hidden: Tensor, targets: Tensor, transform: LogitTransform, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    """hidden: [C, H], targets: [C] -> (log-prob of each target [C], entropy [C] or empty) in float32."""
+    logits = transform(lm_head(hidden).float())
+    log_z = torch.logsumexp(logits, -1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z
+    if not with_entropy:
+        return logps, logps.new_empty(0)
+    probs = torch.softmax(logits, -1)
+    return logps, log_z - (probs * logits).sum(-1)
+
+
+def chunked_head_logprobs(
+    lm_head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    transform: LogitTransform,
+    chunk_size: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """hidden: [R, H], targets: [R] -> (logps [R], entropies [R] or None), float32.
+
+    At most `chunk_size` rows of [., V] logits exist at once, in forward and in backward (each
+    chunk is checkpointed and recomputed). `lm_head` is called as a module, never read as a
+    weight, so ZeRO-3 gathers it through its hooks.
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (lm_head, hidden[start : start + chunk_size], targets[start : start + chunk_size], transform, with_entropy)
+        lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if needs_grad else _head_chunk(*args)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+
+
+def predictor_rows(layout: PrefixGroupLayout) -> Tensor:
+    """[Ts] packed rows whose hidden state predicts each completion token, in `suffix_index` order.
+
+    Token 0 of a completion is predicted by its prompt's last token (one row per member);
+    token c > 0 by the completion token before it.
+    """
+    last_prompt_token = layout.prefix_index[layout.cu_prefix[1:].long() - 1]
+    first = last_prompt_token[layout.member_group[layout.suffix_row]]
+    return torch.where(layout.suffix_col == 0, first, layout.suffix_index - 1)
+
+
+def _completion_rows(layout: PrefixGroupLayout, x: Tensor) -> Tensor:
+    """x: [Ts] in `suffix_index` order -> [N, Lc], 0 at padded places (differentiable)."""
+    out = x.new_zeros(layout.num_members, layout.completion_width)
+    return out.index_put((layout.suffix_row, layout.suffix_col), x)
+
+
+def _group_sizes(group_size: GroupSize, num_prompts: int, num_completions: int) -> list[int]:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, Sequence)):
+        raise TypeError(f"group_size must be an int or a list of ints, got {type(group_size)}")
+    sizes = [group_size] * num_prompts if isinstance(group_size, int) else list(group_size)
+    if not all(isinstance(s, int) and s >= 1 for s in sizes):
+        raise ValueError(f"group_size must hold positive ints, got {group_size}")
+    if len(sizes) != num_prompts:
+        raise ValueError(f"group_size lists {len(sizes)} groups but there are {num_prompts} prompts")
+    if sum(sizes) != num_completions:
+        raise ValueError(f"group sizes add up to {sum(sizes)} but there are {num_completions} completions")
+    return sizes
+
+
+def _check_inputs(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> None:
+    for name, ids, mask in (("prompt", prompt_ids, prompt_mask), ("completion", completion_ids, completion_mask)):
+        if ids.dim() != 2 or ids.shape != mask.shape:
+            raise ValueError(
+                f"{name}_ids {tuple(ids.shape)} and {name}_mask {tuple(mask.shape)} must be the same 2-D shape"
+            )
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name}_ids must hold integer token ids, got {ids.dtype}")
+    devices = {t.device for t in (prompt_ids, prompt_mask, completion_ids, completion_mask)}
+    if len(devices) != 1:
+        raise ValueError(f"prompt and completion tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_size: GroupSize,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    prefix_grouping: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
+
+    model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one.
+    prompt_ids, prompt_mask: [B, Lp], left- or right-padded, one row per group.
+    completion_ids, completion_mask: [N, Lc], right-padded, the G_g rows of group g consecutive.
+    group_size: G for every group, or a list of B sizes.
+    temperature: logits are scaled (config logit scale), soft-capped (`final_logit_softcapping`)
+        and divided by it, as TRL does.
+    return_entropy: also return the differentiable entropies [N, Lc] (0 at padding).
+    prefix_grouping: False runs the standard forward through the same code, each member as its own
+        `prompt + completion` (prompt repeated G times), packed without padding: the A/B baseline.
+    chunk_size: rows of the LM head computed at once.
+    """
+    _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    sizes = _group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    hf = unwrap_model(model)
+    if getattr(hf, "_prefix_grouper", None) is None:
+        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
+    lm_head = hf.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(f"{type(hf).__name__} has no LM head (get_output_embeddings() is None)")
+
+    if not prefix_grouping:
+        repeats = torch.tensor(sizes, device=prompt_ids.device)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
+        sizes = [1] * len(completion_ids)
+    layout = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, sizes)
+    ids = layout.pack(prompt_ids, completion_ids)
+
+    out = hf.get_decoder()(
+        input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
+    )
+    hidden = out[0][0]  # [T, H]
+    transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
+    logps, entropies = chunked_head_logprobs(
+        lm_head, hidden[predictor_rows(layout)], ids[layout.suffix_index], transform, chunk_size, return_entropy
+    )
+    logps = _completion_rows(layout, logps)
+    if not return_entropy:
+        return logps
+    return logps, _completion_rows(layout, entropies)

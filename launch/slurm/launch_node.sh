@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One node's DeepSpeed launcher; grpo.sbatch starts one per node with `srun --ntasks-per-node=1`.
+#
+#   launch_node.sh HOSTFILE MASTER_ADDR MASTER_PORT SCRIPT [script args...]
+#
+# The node rank is Slurm's SLURM_NODEID; --no_ssh makes DeepSpeed's runner start only this
+# node's ranks (the hostfile lists every node, in SLURM_NODEID order, so ranks line up).
+set -euo pipefail
+(( $# >= 4 )) || { echo "usage: launch_node.sh HOSTFILE MASTER_ADDR MASTER_PORT SCRIPT [args...]" >&2; exit 2; }
+hostfile=$1 master_addr=$2 master_port=$3 script=$4
+shift 4
+
+# Slurm sends USR1 to every process of the step. DeepSpeed's runner and launch.py would die of it
+# and orphan train.py, so they ignore it (inherited through exec and fork); train.py installs its
+# own handler (PreemptionGuard), which replaces the inherited "ignore".
+trap '' USR1
+exec deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" \
+    --master_addr "$master_addr" --master_port "$master_port" "$script" "$@"

@@ -1,0 +1,82 @@
+"""Command-line arguments of `launch/train.py`, as dataclasses read by `transformers.HfArgumentParser`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(
+        default="tiny-qwen2",
+        metadata={"help": "A local Hugging Face model directory, or a tiny preset name (tiny-qwen2, tiny-llama)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    attention_backend: str = field(
+        default="auto", metadata={"help": "Prefix-grouped attention kernel: auto, flash_attn, torch or cpu."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task: str = field(
+        default="majority",
+        metadata={"help": "Built-in synthetic task (majority, kv_retrieval), used when --dataset is not given."},
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "A local .jsonl or .parquet file with `prompt` and `answer` fields."}
+    )
+    prompt_length: int = field(
+        default=192, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
+    )
+
+
+@dataclass
+class GRPOArguments:
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt."})
+    max_new_tokens: int = field(default=4, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also applied to log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    advantage: str = field(default="grpo", metadata={"help": "Advantage estimator: grpo, dr_grpo or rloo."})
+    loss_aggregation: str = field(
+        default="token-mean",
+        metadata={"help": "token-mean, seq-mean-token-mean, or dr_grpo (sum over tokens / (N * max_new_tokens))."},
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the policy ratio."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip range (defaults to --epsilon; DAPO uses 0.28)."}
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient to the frozen reference (k3); the reference is built only if > 0."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Policy updates per rollout batch."})
+    reward_fn: str | None = field(
+        default=None,
+        metadata={"help": "module:function called as f(prompts, completions, answers) -> list of floats."},
+    )
+    format_reward: float = field(
+        default=0.2, metadata={"help": "Built-in tasks: reward for a well-formed (wrong) answer; 1.0 when correct."}
+    )
+    no_prefix_grouping: bool = field(
+        default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}
+    )
+
+
+@dataclass
+class TrainArguments:
+    ds_config: str = field(metadata={"help": "DeepSpeed JSON config (required), e.g. ds_configs/zero3_cpu.json."})
+    output_dir: str = field(default="outputs/grpo", metadata={"help": "Metrics, checkpoints, export and plots."})
+    max_steps: int = field(default=60, metadata={"help": "Rollout steps to train."})
+    prompts_per_device: int = field(default=4, metadata={"help": "Prompts (groups) per micro-batch per rank."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up optimizer steps before cosine decay."})
+    sft_warmup_steps: int = field(
+        default=0, metadata={"help": "Supervised steps on the task's answers before GRPO (0 = none)."}
+    )
+    save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in --output_dir."})
+    seed: int = field(default=0, metadata={"help": "Seed for weights, data and sampling."})
+    export: bool = field(default=True, metadata={"help": "Write a Hugging Face export to output_dir/export at the end."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})

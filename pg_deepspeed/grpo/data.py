@@ -1,0 +1,157 @@
+"""Prompts and answers: built-in synthetic long-context tasks, or a local JSONL/Parquet file.
+
+Every example is addressed by a global index, so the data position of a run is one integer
+(the number of rollout steps done) and a resumed run reads exactly what the original would have.
+"""
+from __future__ import annotations
+
+import os
+import random
+import string
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+class PromptSource(Protocol):
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def example(self, index: int) -> Example: ...
+
+
+class MajorityDigitTask:
+    """'Which digit occurs most often?' over a long list of digits; the answer is one digit.
+
+    The majority digit holds about 40% of the list, so the answer depends on the whole prompt.
+    """
+
+    name = "majority"
+
+    def __init__(self, prompt_length: int, seed: int) -> None:
+        self.count = max(4, (prompt_length - len("digits:\nmost=")) // 2)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def example(self, index: int) -> Example:
+        rng = random.Random(f"{self.seed}:majority:{index}")
+        top = rng.randrange(10)
+        others = [d for d in range(10) if d != top]
+        digits = [top if rng.random() < 0.4 else rng.choice(others) for _ in range(self.count)]
+        counts = np.bincount(digits, minlength=10)
+        answer = int(np.argmax(counts))
+        return Example(prompt="digits:" + " ".join(map(str, digits)) + "\nmost=", answer=str(answer))
+
+
+class KVRetrievalTask:
+    """Key-value retrieval from a long haystack: 'ab=3;cd=7;...' then 'ab?'; the answer is the value."""
+
+    name = "kv_retrieval"
+
+    def __init__(self, prompt_length: int, seed: int) -> None:
+        self.pairs = max(2, (prompt_length - len("kv:\n??=")) // 5)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def example(self, index: int) -> Example:
+        rng = random.Random(f"{self.seed}:kv:{index}")
+        keys = set()
+        while len(keys) < self.pairs:
+            keys.add("".join(rng.choices(string.ascii_lowercase, k=2)))
+        keys = sorted(keys, key=lambda _: rng.random())
+        values = [str(rng.randrange(10)) for _ in keys]
+        i = rng.randrange(len(keys))
+        haystack = ";".join(f"{k}={v}" for k, v in zip(keys, values))
+        return Example(prompt=f"kv:{haystack}\n{keys[i]}?=", answer=values[i])
+
+
+TASKS = {"majority": MajorityDigitTask, "kv_retrieval": KVRetrievalTask}
+
+
+class FileDataset:
+    """A local .jsonl or .parquet file with `prompt` and `answer` fields, read with `datasets`."""
+
+    def __init__(self, path: str, seed: int) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--dataset {path!r} does not exist")
+        ext = os.path.splitext(path)[1].lower()
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
+        if kind is None:
+            raise ValueError(f"--dataset {path!r}: expected a .jsonl or .parquet file, got {ext!r}")
+        import datasets
+
+        data = datasets.load_dataset(kind, data_files=path, split="train")
+        for column in ("prompt", "answer"):
+            if column not in data.column_names:
+                raise ValueError(f"--dataset {path!r} has no {column!r} field (columns: {data.column_names})")
+        prompts, answers = data["prompt"], data["answer"]
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"--dataset {path!r} row {row}: missing or empty 'prompt'")
+            if a is None:
+                raise ValueError(f"--dataset {path!r} row {row}: missing 'answer'")
+        if not prompts:
+            raise ValueError(f"--dataset {path!r} is empty")
+        self.name, self.path, self.seed = os.path.basename(path), path, seed
+        self.prompts, self.answers = list(prompts), [str(a) for a in answers]
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def example(self, index: int) -> Example:
+        """Row of `index` in a fresh seeded shuffle per epoch."""
+        epoch, offset = divmod(index, len(self))
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+        row = int(self._orders[epoch][offset])
+        return Example(self.prompts[row], self.answers[row])
+
+
+def build_source(task: str, dataset: str | None, prompt_length: int, seed: int) -> PromptSource:
+    if dataset is not None:
+        return FileDataset(dataset, seed)
+    if task not in TASKS:
+        raise ValueError(f"unknown --task {task!r}; built-in tasks: {sorted(TASKS)}")
+    return TASKS[task](prompt_length, seed)
+
+
+def batch_indices(step: int, rank: int, world_size: int, per_rank: int) -> range:
+    """Global example indices this rank reads at rollout `step`."""
+    start = (step * world_size + rank) * per_rank
+    return range(start, start + per_rank)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (prompt_ids, prompt_mask), both [B, Lp], left-padded with the tokenizer's pad id."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if tokenizer.bos_token_id is not None:
+        rows = [[tokenizer.bos_token_id, *r] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def longest_prompt(tokenizer, source: PromptSource, sample: int = 64) -> tuple[int, int]:
+    """(length in tokens, index) of the longest prompt: every row of a file, or `sample` synthetic ones."""
+    n = len(source) if isinstance(source, FileDataset) else sample
+    lengths = [len(tokenize_prompts(tokenizer, [source.example(i).prompt], torch.device("cpu"))[0][0]) for i in range(n)]
+    i = int(np.argmax(lengths))
+    return lengths[i], i

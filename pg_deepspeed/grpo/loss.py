@@ -1,0 +1,63 @@
+"""The clipped GRPO objective with an optional k3 KL to the reference, and its aggregations.
+
+Per completion token t of member i, with ratio ρ = exp(logp - logp_old) and advantage A_i:
+  l_t = -min(ρ·A_i, clip(ρ, 1-ε, 1+ε_high)·A_i) + β·(exp(ref - logp) - (ref - logp) - 1)
+Aggregations over the [N, Lc] mask M:
+  token-mean            Σ l·M / Σ M
+  seq-mean-token-mean   mean_i (Σ_t l·M / Σ_t M)
+  dr_grpo               Σ l·M / (N · max_completion_length)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "dr_grpo")
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    aggregation: str = "token-mean",
+    max_completion_length: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] -> (loss, stats)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("beta != 0 needs reference log-probs")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype)[:, None]
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(logps)
+    if beta != 0.0:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+
+    tokens = mask.sum().clamp(min=1)
+    if aggregation == "token-mean":
+        loss = (per_token * mask).sum() / tokens
+    elif aggregation == "seq-mean-token-mean":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        width = max_completion_length or logps.shape[1]
+        loss = (per_token * mask).sum() / (logps.shape[0] * width)
+
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {
+            "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / tokens),
+            "kl": float((kl * mask).sum() / tokens),
+        }
+    return loss, stats

@@ -1,0 +1,89 @@
+"""Run outputs on rank 0: a tqdm bar, metrics.jsonl, TensorBoard events and the reward plot."""
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    """Writes one JSON object per step to `metrics.jsonl` and the same scalars to TensorBoard.
+
+    Every rank may construct it; only rank 0 writes. On resume, lines past the resumed step are dropped
+    so the file holds each step exactly once.
+    """
+
+    def __init__(self, output_dir: str, *, rank: int, total_steps: int, start_step: int = 0) -> None:
+        self.enabled = rank == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.output_dir = output_dir
+        if not self.enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._truncate_after(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"train/{key}", value, metrics["step"])
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.tb.close()
+        plot_rewards(self.path, os.path.join(self.output_dir, "reward.png"))
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_rewards(metrics_path: str, png_path: str) -> None:
+    """reward_mean per step with a ±std band and a moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    mean = np.array([r["reward_mean"] for r in rows])
+    std = np.array([r["reward_std"] for r in rows])
+    window = max(1, len(rows) // 10)
+    smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.15, label="±1 std (within batch)")
+    ax.plot(steps, mean, alpha=0.5, label="reward mean")
+    ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving average ({window} steps)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

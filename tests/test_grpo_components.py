@@ -1,0 +1,190 @@
+"""GRPO pieces against hand-computed values: advantages, loss aggregations, rewards, data."""
+import json
+import math
+
+import pytest
+import torch
+
+from pg_deepspeed.grpo.advantages import group_advantages
+from pg_deepspeed.grpo.data import FileDataset, KVRetrievalTask, MajorityDigitTask, batch_indices, build_source
+from pg_deepspeed.grpo.loss import grpo_loss
+from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
+
+
+# ---------------------------------------------------------------- advantages
+def test_grpo_advantage_is_group_zscore_with_unbiased_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    adv = group_advantages(r, torch.tensor([4, 2]), "grpo", eps=1e-4)
+    s = math.sqrt(1 / 3) + 1e-4  # unbiased std of [1, 0, 0, 1], plus eps
+    assert torch.allclose(adv, torch.tensor([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0.0, 0.0]), atol=1e-6)
+
+
+def test_dr_grpo_advantage_is_centred_reward():
+    adv = group_advantages(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([2, 1]), "dr_grpo")
+    assert adv.tolist() == [1.0, -1.0, 0.0]
+
+
+def test_rloo_advantage_is_reward_minus_mean_of_others():
+    adv = group_advantages(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([3]), "rloo")
+    assert torch.allclose(adv, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]), atol=1e-6)
+
+
+def test_advantages_refuse_wrong_group_sizes():
+    with pytest.raises(ValueError, match="group sizes add up to 3 but there are 4 rewards"):
+        group_advantages(torch.zeros(4), torch.tensor([2, 1]))
+
+
+# ---------------------------------------------------------------- loss
+def loss_inputs():
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    old = torch.tensor([[-1.0, -2.5, 0.0], [-0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    return logps, old, None, adv, mask
+
+
+def hand_per_token(eps=0.2):
+    # ratios: e^0 = 1, e^0.5 = 1.6487 (clipped to 1.2 for A>0), e^-0.3 = 0.7408 (clipped to 0.8 for A<0)
+    r = [1.0, math.exp(0.5), math.exp(-0.3)]
+    return [-min(r[0] * 1, 1.0), -min(r[1] * 1, (1 + eps) * 1), -min(r[2] * -2, (1 - eps) * -2)]
+
+
+def test_token_mean_loss_matches_hand_computation():
+    loss, stats = grpo_loss(*loss_inputs(), epsilon=0.2, aggregation="token-mean")
+    assert loss.item() == pytest.approx(sum(hand_per_token()) / 3, rel=1e-6)
+    # clipped: token 2 (ratio 1.65 > 1.2 with A > 0) and token 3 (ratio 0.74 < 0.8 with A < 0)
+    assert stats["clip_frac"] == pytest.approx(2 / 3)
+
+
+def test_seq_mean_token_mean_loss_matches_hand_computation():
+    t = hand_per_token()
+    loss, _ = grpo_loss(*loss_inputs(), aggregation="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(((t[0] + t[1]) / 2 + t[2]) / 2, rel=1e-6)
+
+
+def test_dr_grpo_loss_divides_by_rows_times_max_length():
+    loss, _ = grpo_loss(*loss_inputs(), aggregation="dr_grpo", max_completion_length=4)
+    assert loss.item() == pytest.approx(sum(hand_per_token()) / (2 * 4), rel=1e-6)
+
+
+def test_epsilon_high_widens_upper_clip():
+    loss, stats = grpo_loss(*loss_inputs(), epsilon=0.2, epsilon_high=1.0)
+    t = hand_per_token()
+    t[1] = -math.exp(0.5)  # 1.65 < 1 + 1.0: not clipped any more
+    assert loss.item() == pytest.approx(sum(t) / 3, rel=1e-6)
+    assert stats["clip_frac"] == pytest.approx(1 / 3)  # the low clip of token 3 remains
+
+
+def test_k3_kl_term_matches_hand_computation():
+    logps, old, _, adv, mask = loss_inputs()
+    ref = logps - 0.1
+    loss, stats = grpo_loss(logps, old, ref, adv, mask, beta=0.5)
+    k3 = math.exp(-0.1) + 0.1 - 1
+    assert stats["kl"] == pytest.approx(k3, rel=1e-5)
+    assert loss.item() == pytest.approx(sum(hand_per_token()) / 3 + 0.5 * k3, rel=1e-5)
+
+
+def test_loss_refuses_unknown_aggregation():
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        grpo_loss(*loss_inputs(), aggregation="sum")
+
+
+# ---------------------------------------------------------------- rewards
+def test_builtin_digit_reward_scores_correct_wellformed_and_other():
+    fn = digit_answer(0.2)
+    assert fn(["p"] * 4, ["7", " 3", "77", "x"], ["7", "7", "7", "7"]) == [1.0, 0.2, 0.0, 0.0]
+
+
+def test_numeric_match_compares_numbers():
+    assert numeric_match(["p"] * 3, ["x = 2.50", "3", "none"], ["2.5", "4", "1"]) == [1.0, 0.0, 0.0]
+
+
+def raising_reward(prompts, completions, answers):
+    raise KeyError("boom")
+
+
+def short_reward(prompts, completions, answers):
+    return [1.0]
+
+
+def nan_reward(prompts, completions, answers):
+    return [float("nan")] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (raising_reward, r"reward function raising_reward raised KeyError"),
+        (short_reward, r"reward function short_reward returned 1 rewards for 2 completions"),
+        (nan_reward, r"reward function nan_reward returned NaN/inf for completion\(s\) \[0, 1\]"),
+    ],
+)
+def test_misbehaving_reward_function_is_named(fn, message):
+    with pytest.raises(RewardError, match=message):
+        compute_rewards(fn, ["p", "p"], ["a", "b"], ["a", "a"])
+
+
+def test_user_reward_function_resolves_from_module_path():
+    assert resolve_reward_fn("test_grpo_components:short_reward", synthetic=True, format_reward=0) is short_reward
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
+        ("test_grpo_components:missing", r"has no callable 'missing'"),
+        ("fuzzy", r"expected one of .* or 'module:function'"),
+    ],
+)
+def test_unknown_reward_function_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_reward_fn(spec, synthetic=False, format_reward=0)
+
+
+# ---------------------------------------------------------------- data
+def test_majority_task_answer_is_the_most_frequent_digit():
+    task = MajorityDigitTask(prompt_length=300, seed=1)
+    for i in range(20):
+        ex = task.example(i)
+        digits = ex.prompt.split(":")[1].split("\n")[0].split()
+        counts = [digits.count(str(d)) for d in range(10)]
+        assert counts[int(ex.answer)] == max(counts)
+        assert abs(len(ex.prompt) - 300) <= 2
+
+
+def test_kv_task_answer_is_the_value_of_the_asked_key():
+    ex = KVRetrievalTask(prompt_length=200, seed=0).example(3)
+    haystack, question = ex.prompt[3:].split("\n")
+    pairs = dict(p.split("=") for p in haystack.split(";"))
+    assert pairs[question[:-2]] == ex.answer
+
+
+def test_examples_are_deterministic_and_ranks_read_disjoint_indices():
+    assert MajorityDigitTask(100, 7).example(5) == MajorityDigitTask(100, 7).example(5)
+    r0, r1 = batch_indices(3, 0, 2, 4), batch_indices(3, 1, 2, 4)
+    assert set(r0).isdisjoint(r1) and list(r0) == [24, 25, 26, 27]
+
+
+def test_file_dataset_reads_jsonl_and_visits_every_row_each_epoch(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": i}) + "\n" for i in range(5)))
+    ds = FileDataset(str(path), seed=0)
+    assert sorted(ds.example(i).prompt for i in range(5)) == [f"q{i}" for i in range(5)]
+    assert ds.example(2).answer == str(int(ds.example(2).prompt[1:]))
+
+
+def test_missing_dataset_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        build_source("majority", str(tmp_path / "nope.jsonl"), 100, 0)
+
+
+def test_dataset_row_without_prompt_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "answer": 1}\n{"answer": 2}\n')
+    with pytest.raises(ValueError, match=r"row 1: missing or empty 'prompt'"):
+        FileDataset(str(path), seed=0)
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(ValueError, match="unknown --task 'sudoku'"):
+        build_source("sudoku", None, 100, 0)

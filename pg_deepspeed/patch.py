@@ -81,7 +81,7 @@ def _windows(config: Any) -> dict[str, int]:
     return {k: int(getattr(config, k)) for k in kinds if getattr(config, k, None) is not None}
 
 
-def unsupported_reasons(model: PreTrainedModel, max_length: int) -> list[str]:
+def unsupported_reasons(model: PreTrainedModel, max_length: int | None) -> list[str]:
     """Why `model` cannot be served exactly for sequences up to `max_length` tokens (empty when it can)."""
     config = model.config
     text = config.get_text_config()
@@ -100,7 +100,7 @@ def unsupported_reasons(model: PreTrainedModel, max_length: int) -> list[str]:
     if other or block_types:
         reasons.append(f"linear-attention or hybrid layers ({', '.join(other + block_types)})")
     for kind, size in _windows(text).items():
-        if size < max_length:
+        if max_length is None or size < max_length:
             reasons.append(
                 f"{kind}={size} would cut into sequences of up to max_length={max_length} tokens "
                 f"(pass patch_model(..., max_length=<= {size}) if your prompt + completion never exceed it)"
@@ -241,11 +241,10 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
     hf = unwrap_model(model)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     text = hf.config.get_text_config()
-    limit = int(max_length if max_length is not None else getattr(text, "max_position_embeddings", 0) or 0)
-    if limit < 1:
-        raise ValueError("max_length must be given (the config has no max_position_embeddings)")
-    reasons = unsupported_reasons(hf, limit)
+    reasons = unsupported_reasons(hf, max_length or getattr(text, "max_position_embeddings", None))
     if reasons:
         raise ValueError(f"cannot prefix-group {type(hf).__name__}: " + "; ".join(reasons))
 

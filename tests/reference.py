@@ -46,12 +46,16 @@ def padded_completion_logprobs(
 ):
     """The standard batch through an unpatched causal LM: each prompt repeated G times beside its completion.
 
-    prompt_*: [B, Lp] (any padding), completion_*: [N, Lc] right-padded; returns (logps, entropies),
-    both [N, Lc] float32 and 0 at masked places. Full [N, L, V] logits, TRL's temperature, softcap
-    and logit scale (`logit_scale` / `logits_scaling` only), positions counted over real tokens.
+    prompt_*: [B, Lp] (any padding; moved to the left, as TRL holds them), completion_*: [N, Lc]
+    right-padded; returns (logps, entropies), both [N, Lc] float32 and 0 at masked places. Full
+    [N, L, V] logits, TRL's temperature, softcap and logit scale (`logit_scale` / `logits_scaling`
+    only), positions counted over real tokens.
     """
     sizes = [group_size] * prompt_ids.shape[0] if isinstance(group_size, int) else list(group_size)
     repeats = torch.tensor(sizes)
+    left = [torch.cat([ids[m == 0], ids[m != 0]]) for ids, m in zip(prompt_ids, prompt_mask)]
+    prompt_mask = torch.stack([m.sort(stable=True).values for m in prompt_mask])
+    prompt_ids = torch.stack(left)
     ids = torch.cat([prompt_ids.repeat_interleave(repeats, 0), completion_ids], 1)
     mask = torch.cat([prompt_mask.repeat_interleave(repeats, 0), completion_mask], 1)
     position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -87,3 +91,53 @@ def member_hidden_states(model, prompt_ids_per_group, completion_ids_per_member,
             out.append(model(input_ids=ids).last_hidden_state[0])
             n += 1
     return out
+
+
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    ),
+}
+
+
+def tiny_causal_lm(family: str, seed: int = 0, **overrides):
+    """A random-init float32 causal LM of `family` (a key of TINY_FAMILIES), sdpa attention, eval mode."""
+    import transformers
+
+    config_cls, model_cls, extra = TINY_FAMILIES[family]
+    kwargs = {**TINY, **extra, "attn_implementation": "sdpa", **overrides}
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def random_grpo_batch(seed: int, padding_side: str, vocab_size: int = 128):
+    """A seeded GRPO micro-batch: (prompt_ids, prompt_mask [B, Lp], completion_ids, completion_mask [N, Lc], sizes).
+
+    1-3 prompts of 1-9 tokens padded on `padding_side`, 1-4 completions each of 1-6 tokens (one of
+    length 1 always), right-padded; padded places hold random tokens, not a pad id.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    sizes = [rand(1, 4) for _ in range(rand(1, 3))]
+    prompt_lens = [rand(1, 9) for _ in sizes]
+    completion_lens = [rand(1, 6) for _ in range(sum(sizes))]
+    completion_lens[rand(0, len(completion_lens) - 1)] = 1
+    Lp, Lc = max(prompt_lens) + rand(0, 2), max(completion_lens) + rand(0, 1)
+    prompt_ids = torch.randint(0, vocab_size, (len(sizes), Lp), generator=g)
+    completion_ids = torch.randint(0, vocab_size, (len(completion_lens), Lc), generator=g)
+    cols = torch.arange(Lp)
+    p = torch.tensor(prompt_lens)[:, None]
+    prompt_mask = (cols >= Lp - p) if padding_side == "left" else (cols < p)
+    completion_mask = torch.arange(Lc) < torch.tensor(completion_lens)[:, None]
+    return prompt_ids, prompt_mask.long(), completion_ids, completion_mask.long(), sizes

@@ -1,0 +1,149 @@
+"""completion_logprobs: equal to the unpatched model on the standard padded batch, LM head on completion rows only."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pg_deepspeed import completion_logprobs, patch_model
+from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm
+
+SEEDS = (0, 5, 8)  # 3 groups of mixed sizes; 9 members, five of length 1; a 1-token prompt and completion
+GRAD_SEEDS = (0, 1)
+
+
+def _pair(family: str, **overrides):
+    """(patched model, unpatched copy with the same weights)."""
+    reference = tiny_causal_lm(family, **overrides)
+    return patch_model(copy.deepcopy(reference)), reference
+
+
+def _worst_relative_grad_error(model, reference) -> float:
+    errors = []
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is None or q.grad.norm() == 0:
+            assert p.grad is None or p.grad.norm() == 0, name
+            continue
+        errors.append(float((p.grad - q.grad).norm() / q.grad.norm()))
+    return max(errors)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_logprobs_and_entropies_match_padded_batch(family, padding_side):
+    model, reference = _pair(family)
+    for seed in SEEDS:
+        batch = random_grpo_batch(seed, padding_side)
+        with torch.no_grad():
+            logps, entropies = completion_logprobs(model, *batch, return_entropy=True, chunk_size=5)
+            ref_logps, ref_entropies = padded_completion_logprobs(reference, *batch)
+        assert logps.dtype == torch.float32 and logps.shape == batch[3].shape
+        assert (logps - ref_logps).abs().max() <= 1e-5
+        assert (entropies - ref_entropies).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_grpo_gradients_match_padded_batch(family, checkpointing):
+    model, reference = _pair(family)
+    layer_calls = []
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_: layer_calls.append(1))
+    model.train(), reference.train()
+    for seed in GRAD_SEEDS:
+        batch = random_grpo_batch(seed, "left" if seed % 2 else "right")
+        advantages = torch.randn(batch[2].shape[0], 1, generator=torch.Generator().manual_seed(seed))
+        model.zero_grad(), reference.zero_grad()
+        (advantages * completion_logprobs(model, *batch, chunk_size=4)).sum().backward()
+        (advantages * padded_completion_logprobs(reference, *batch)[0]).sum().backward()
+        assert _worst_relative_grad_error(model, reference) <= 1e-4
+    if checkpointing:  # the layers really ran again in backward
+        assert len(layer_calls) == 2 * len(GRAD_SEEDS)
+
+
+def test_entropy_gradients_match_padded_batch():
+    model, reference = _pair("qwen2")
+    batch = random_grpo_batch(7, "left")
+    completion_logprobs(model, *batch, return_entropy=True)[1].sum().backward()
+    padded_completion_logprobs(reference, *batch)[1].sum().backward()
+    assert _worst_relative_grad_error(model, reference) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_standard_path_matches_padded_batch(family):
+    model, reference = _pair(family)
+    batch = random_grpo_batch(3, "left")
+    with torch.no_grad():
+        logps = completion_logprobs(model, *batch, prefix_grouping=False)
+        ref_logps, _ = padded_completion_logprobs(reference, *batch)
+    assert (logps - ref_logps).abs().max() <= 1e-5
+
+
+def test_temperature_and_final_softcap_follow_trl():
+    model, reference = _pair("llama", final_logit_softcapping=2.0)
+    batch = random_grpo_batch(4, "right")
+    with torch.no_grad():
+        logps, entropies = completion_logprobs(model, *batch, temperature=0.6, return_entropy=True)
+        ref_logps, ref_entropies = padded_completion_logprobs(reference, *batch, temperature=0.6)
+        plain = completion_logprobs(model, *batch)
+    assert (logps - ref_logps).abs().max() <= 1e-5
+    assert (entropies - ref_entropies).abs().max() <= 1e-5
+    assert (logps - plain).abs().max() > 1e-2
+
+
+def test_masked_positions_are_exactly_zero():
+    model, _ = _pair("llama")
+    batch = random_grpo_batch(5, "left")
+    logps, entropies = completion_logprobs(model, *batch, return_entropy=True)
+    padding = batch[3] == 0
+    assert padding.any()
+    assert bool((logps[padding] == 0).all()) and bool((entropies[padding] == 0).all())
+    assert bool((logps[~padding] < 0).all()) and bool((entropies[~padding] > 0).all())
+
+
+def test_lm_head_sees_only_rows_predicting_completion_tokens():
+    model, _ = _pair("qwen2")
+    prompt_ids, prompt_mask, completion_ids, completion_mask, sizes = random_grpo_batch(6, "left")
+    rows = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    logps = completion_logprobs(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, chunk_size=3
+    )
+    forward_rows = sum(rows)
+    logps.sum().backward()
+    # one row per completion token (the prompt's last token once per member), chunks of <= 3, recomputed in backward
+    assert forward_rows == int(completion_mask.sum())
+    assert sum(rows) == 2 * forward_rows and max(rows) <= 3
+    standard_rows = completion_mask.shape[0] * (prompt_ids.shape[1] + completion_ids.shape[1])
+    assert forward_rows < standard_rows
+
+
+def test_unpatched_model_is_refused():
+    with pytest.raises(ValueError, match="patch_model"):
+        completion_logprobs(tiny_causal_lm("llama"), *random_grpo_batch(0, "left"))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda b: (b[0][:, :-1], *b[1:]), ValueError, "prompt_ids .* prompt_mask"),
+        (lambda b: (*b[:2], b[2].float(), *b[3:]), TypeError, "completion_ids must hold integer"),
+        (lambda b: (*b[:4], [sum(b[4]) + 1] + [1] * (len(b[4]) - 1)), ValueError, "add up to"),
+        (lambda b: (*b[:4], 0), ValueError, "positive ints"),
+        (lambda b: (*b[:4], 2.5), TypeError, "group_size"),
+    ],
+)
+def test_bad_inputs_raise_before_the_forward(change, error, match):
+    model, _ = _pair("llama")
+    with pytest.raises(error, match=match):
+        completion_logprobs(model, *change(random_grpo_batch(1, "left")))
+
+
+@pytest.mark.parametrize("option, value", [("temperature", 0.0), ("chunk_size", 0)])
+def test_bad_options_raise(option, value):
+    model, _ = _pair("llama")
+    with pytest.raises(ValueError, match=option):
+        completion_logprobs(model, *random_grpo_batch(1, "left"), **{option: value})

@@ -1,0 +1,216 @@
+"""patch_model: prefix-grouped forward with a layout, the original model without one, clear refusals."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from pg_deepspeed import PrefixGroupLayout, patch_model
+from reference import TINY, TINY_FAMILIES, member_hidden_states, tiny_causal_lm
+
+
+def _random_layout(seed: int):
+    """(layout, packed ids [T], prompts per group, completions per member, group sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 4, (torch.randint(1, 4, (1,), generator=g),), generator=g).tolist()
+    prompts = [torch.randint(0, 128, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g) for _ in sizes]
+    completions = [torch.randint(0, 128, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g) for _ in range(sum(sizes))]
+    suffix_lens, at = [], 0
+    for size in sizes:
+        suffix_lens.append([len(c) for c in completions[at : at + size]])
+        at += size
+    layout = PrefixGroupLayout.from_lengths([len(p) for p in prompts], suffix_lens)
+    ids = torch.cat([torch.cat([p, *completions[sum(sizes[:i]) : sum(sizes[: i + 1])]]) for i, p in enumerate(prompts)])
+    return layout, ids, prompts, completions, sizes
+
+
+def _left_padded_batch():
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3], mask[1, :1] = 0, 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_packed_forward_equals_each_member_alone(family):
+    reference = tiny_causal_lm(family)
+    model = patch_model(copy.deepcopy(reference))
+    for seed in range(2):
+        layout, ids, prompts, completions, sizes = _random_layout(seed)
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids[None], prefix_layout=layout).last_hidden_state[0]
+            expected = member_hidden_states(reference.model, prompts, completions, sizes)
+        members = layout.unpack_completions(hidden)
+        for n, ref in enumerate(expected):
+            s, p = int(layout.suffix_lens[n]), int(layout.prefix_lens[layout.member_group[n]])
+            assert (members[n, :s] - ref[p:]).abs().max() <= 1e-5
+        first_members = [sum(sizes[:g]) for g in range(len(sizes))]
+        prompts_alone = torch.cat([expected[n][: len(prompts[g])] for g, n in enumerate(first_members)])
+        assert (hidden[layout.prefix_index] - prompts_alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_without_layout_the_original_model_runs(family, attn_implementation):
+    reference = tiny_causal_lm(family, attn_implementation=attn_implementation)
+    model = patch_model(copy.deepcopy(reference))
+    assert model.config._attn_implementation == "prefix_grouper"
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+    generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+    ours, theirs = model.generate(**generate), reference.generate(**generate)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+
+
+def test_layout_forward_builds_no_mask_and_plain_forward_keeps_its_mask():
+    model = patch_model(tiny_causal_lm("llama"))
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    layout, ids, *_ = _random_layout(0)
+    with torch.no_grad():
+        model(input_ids=ids[None], prefix_layout=layout)
+        model(*_left_padded_batch())
+    assert seen[0] is None
+    assert isinstance(seen[1], torch.Tensor) and seen[1].shape[-2:] == (7, 7)
+
+
+def test_position_ids_default_to_the_layouts():
+    model = patch_model(tiny_causal_lm("qwen2"))
+    layout, ids, *_ = _random_layout(1)
+    with torch.no_grad():
+        implicit = model(input_ids=ids[None], prefix_layout=layout).logits
+        explicit = model(input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout).logits
+        shifted = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None], prefix_layout=layout).logits
+    assert torch.equal(implicit, explicit)
+    assert (implicit - shifted).abs().max() > 1e-3
+
+
+def test_patching_twice_is_harmless():
+    reference = tiny_causal_lm("llama")
+    once = patch_model(copy.deepcopy(reference))
+    twice = patch_model(patch_model(copy.deepcopy(reference)))
+    assert len(twice._forward_pre_hooks) == len(once._forward_pre_hooks) == 1
+    assert twice._prefix_grouper.original == "sdpa"
+    ids, mask = _left_padded_batch()
+    layout, packed, *_ = _random_layout(2)
+    with torch.no_grad():
+        assert torch.equal(twice(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(twice(input_ids=packed[None], prefix_layout=layout).logits,
+                           once(input_ids=packed[None], prefix_layout=layout).logits)
+
+
+def test_a_deep_copy_stays_patched():
+    model = patch_model(tiny_causal_lm("qwen3"))
+    clone = copy.deepcopy(model)
+    layout, ids, *_ = _random_layout(3)
+    with torch.no_grad():
+        assert torch.equal(clone(input_ids=ids[None], prefix_layout=layout).logits,
+                           model(input_ids=ids[None], prefix_layout=layout).logits)
+
+
+def test_saved_model_carries_no_trace_of_the_patch(tmp_path):
+    reference = tiny_causal_lm("llama")
+    patch_model(copy.deepcopy(reference)).save_pretrained(tmp_path)
+    assert "prefix_grouper" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(attention_mask=True), "attention_mask=None"),
+        (dict(use_cache=True), "use_cache"),
+        (dict(trim=1), r"input_ids \[1, \d+\]"),
+    ],
+)
+def test_bad_packed_calls_raise(kwargs, match):
+    model = patch_model(tiny_causal_lm("llama"))
+    layout, ids, *_ = _random_layout(0)
+    call = dict(input_ids=ids[None, : len(ids) - kwargs.pop("trim", 0)], prefix_layout=layout)
+    if kwargs.pop("attention_mask", False):
+        call["attention_mask"] = torch.ones_like(call["input_ids"])
+    with pytest.raises(ValueError, match=match):
+        model(**call, **kwargs)
+
+
+def test_attention_dropout_is_refused_in_a_packed_training_forward():
+    model = patch_model(tiny_causal_lm("llama", attention_dropout=0.1)).train()
+    layout, ids, *_ = _random_layout(0)
+    with pytest.raises(ValueError, match="dropout"):
+        model(input_ids=ids[None], prefix_layout=layout)
+
+
+def test_a_window_longer_than_max_length_is_accepted_and_checked_per_call():
+    reference = tiny_causal_lm("mistral", sliding_window=12)
+    model = patch_model(copy.deepcopy(reference), max_length=12)
+    short = PrefixGroupLayout.from_lengths([7, 3], [[5, 2], [9]])
+    ids = torch.randint(0, 128, (short.num_tokens,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids[None], prefix_layout=short).last_hidden_state[0]
+        alone = reference.model(input_ids=torch.cat([ids[:7], ids[12:14]])[None]).last_hidden_state[0]
+    assert (hidden[12:14] - alone[7:]).abs().max() <= 1e-5
+    long = PrefixGroupLayout.from_lengths([8], [[5]])
+    with pytest.raises(ValueError, match="13 tokens exceeds the model's attention window \\(12\\)"):
+        model(input_ids=ids[None, :13], prefix_layout=long)
+
+
+def _gemma2():
+    return tf.Gemma2ForCausalLM(tf.Gemma2Config(**TINY, head_dim=16, sliding_window=4096))
+
+
+def _llama4_chunked():
+    config = tf.Llama4TextConfig(**TINY, head_dim=16, attention_chunk_size=32, num_local_experts=2, intermediate_size_mlp=128)
+    return tf.Llama4ForCausalLM(config)
+
+
+def _qwen3_next():
+    config = tf.Qwen3NextConfig(
+        **TINY, head_dim=16, num_experts=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+    )
+    return tf.Qwen3NextForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (_gemma2, r"attention-logit softcapping \(attn_logit_softcapping=50.0\)"),
+        (lambda: tiny_causal_lm("mistral", sliding_window=16), "sliding_window=16 would cut into .* max_length=256"),
+        (_llama4_chunked, "attention_chunk_size=32 would cut into"),
+        (_qwen3_next, r"linear-attention or hybrid layers \(linear_attention\)"),
+        (lambda: tf.MambaForCausalLM(tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128)),
+         "does not route its attention through transformers' AttentionInterface"),
+        (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=128)),
+         "encoder-decoder models are not supported"),
+    ],
+    ids=["gemma2-softcap", "mistral-sliding", "llama4-chunked", "qwen3next-linear", "mamba", "t5-encoder-decoder"],
+)
+def test_unsupported_models_are_refused_at_patch_time_and_left_unchanged(build, match):
+    model = build()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        patch_model(model)
+    assert model.config._attn_implementation == before
+    assert not hasattr(model, "_prefix_grouper")
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(backend="triton"), "unknown attention backend"), (dict(max_length=0), "max_length")])
+def test_bad_patch_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        patch_model(tiny_causal_lm("llama"), **kwargs)
+
+
+def test_non_models_are_rejected():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch_model(torch.nn.Linear(2, 2))

@@ -16,6 +16,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from .layout import PrefixGroupLayout
 from .patch import unwrap_model
@@ -102,6 +103,16 @@ def predictor_rows(layout: PrefixGroupLayout) -> Tensor:
     return torch.where(layout.suffix_col == 0, first, layout.suffix_index - 1)
 
 
+def _decoder(model: PreTrainedModel) -> nn.Module:
+    """The body whose last hidden state feeds the LM head (`get_decoder`, or `.model` where that returns the LM)."""
+    decoder = model.get_decoder()
+    if decoder is model:
+        decoder = getattr(model, "model", None)
+    if not isinstance(decoder, nn.Module):
+        raise ValueError(f"cannot find the decoder of {type(model).__name__} (get_decoder() returns the model itself)")
+    return decoder
+
+
 def _completion_rows(layout: PrefixGroupLayout, x: Tensor) -> Tensor:
     """x: [Ts] in `suffix_index` order -> [N, Lc], 0 at padded places (differentiable)."""
     out = x.new_zeros(layout.num_members, layout.completion_width)
@@ -180,7 +191,7 @@ def completion_logprobs(
     layout = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, sizes)
     ids = layout.pack(prompt_ids, completion_ids)
 
-    out = hf.get_decoder()(
+    out = _decoder(hf)(
         input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
     )
     hidden = out[0][0]  # [T, H]

@@ -48,8 +48,8 @@ def padded_completion_logprobs(
 
     prompt_*: [B, Lp] (any padding; moved to the left, as TRL holds them), completion_*: [N, Lc]
     right-padded; returns (logps, entropies), both [N, Lc] float32 and 0 at masked places. Full
-    [N, L, V] logits, TRL's temperature, softcap and logit scale (`logit_scale` / `logits_scaling`
-    only), positions counted over real tokens.
+    [N, L, V] logits from `model.lm_head` on `model.model`'s hidden states, then TRL's logit scale
+    (`logit_scale` / `logits_scaling` only), softcap and temperature; positions count real tokens.
     """
     sizes = [group_size] * prompt_ids.shape[0] if isinstance(group_size, int) else list(group_size)
     repeats = torch.tensor(sizes)
@@ -59,7 +59,8 @@ def padded_completion_logprobs(
     ids = torch.cat([prompt_ids.repeat_interleave(repeats, 0), completion_ids], 1)
     mask = torch.cat([prompt_mask.repeat_interleave(repeats, 0), completion_mask], 1)
     position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    logits = model.lm_head(hidden).float()
     config = model.config
     if getattr(config, "logit_scale", None) is not None:
         logits = logits * config.logit_scale

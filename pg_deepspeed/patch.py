@@ -13,6 +13,13 @@ A packed call looks like ``model.model(input_ids=ids[None], position_ids=layout.
 prefix_layout=layout)`` with ``ids = layout.pack(prompt_ids, completion_ids)`` (position ids are
 filled from the layout when omitted). RoPE then places every suffix right after its prompt.
 
+transformers builds masks from the implementation name alone, before any attention call, so a
+forward pre-hook on every patched `PreTrainedModel` checks the call and records it (layout or
+not) in a context variable that the registered mask function reads.
+
+Windows: a sliding or chunked window shorter than `max_length` is refused at patch time; a longer
+one is accepted and every packed call checks that no prompt + completion exceeds it.
+
 The original implementation's name and the chosen backend live on every submodule as
 `_prefix_grouper` (so deep copies stay patched) and never in the config (so saving is unchanged).
 """
@@ -201,7 +208,8 @@ def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: Pre
             raise ValueError(f"a prompt + completion of {longest} tokens exceeds the model's attention window ({window})")
 
 
-def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of every patched PreTrainedModel: check a packed call, record it for the masks."""
     layout = kwargs.get("prefix_layout")
     if layout is not None:
         signature = inspect.signature(module.forward)
@@ -223,6 +231,7 @@ def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] |
 
 
 def _leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook (also on error): forget the call `_enter` recorded."""
     if module._prefix_grouper_tokens:
         _CURRENT.reset(module._prefix_grouper_tokens.pop())
 
@@ -248,8 +257,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
     if reasons:
         raise ValueError(f"cannot prefix-group {type(hf).__name__}: " + "; ".join(reasons))
 
-    previous = getattr(hf, "_prefix_grouper", None)
-    original = previous.original if previous is not None else hf.config._attn_implementation
+    current = hf.config._attn_implementation
+    original = hf._prefix_grouper.original if current == ATTN_NAME else current
     windows = _windows(text)
     state = PatchState(original=original, backend=backend, window=min(windows.values()) if windows else None)
 

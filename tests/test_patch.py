@@ -214,3 +214,19 @@ def test_bad_patch_options_raise(kwargs, match):
 def test_non_models_are_rejected():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2))
+
+
+def test_generate_with_a_static_cache_builds_the_original_masks():
+    reference = tiny_causal_lm("llama")
+    model = patch_model(copy.deepcopy(reference))
+    ids, mask = _left_padded_batch()
+    generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(model.generate(**generate), reference.generate(**generate))
+
+
+def test_repatching_after_switching_implementation_falls_back_to_the_new_one():
+    model = patch_model(tiny_causal_lm("llama"))
+    model.set_attn_implementation("eager")
+    patch_model(model)
+    assert model.config._attn_implementation == "prefix_grouper"
+    assert model._prefix_grouper.original == "eager"

@@ -1,0 +1,208 @@
+"""launch/slurm/grpo.sbatch on a real two-node Slurm cluster, and the PreemptionGuard it relies on.
+
+The Slurm tests start Debian's slurmctld, two slurmd and munged (tests/slurm_cluster.py), submit
+`sbatch -N 2 --wait launch/slurm/grpo.sbatch --ds_config ds_configs/zero3_cpu.json ...` with the
+tiny model, and read the run's metrics.jsonl and checkpoints. In CI (CI=true) they must run; elsewhere
+they skip, saying why, when Slurm is not installed or this is not root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pg_deepspeed.grpo.preemption import PreemptionGuard, node_rank
+from slurm_cluster import SlurmCluster, slurm_cluster, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 5
+SAVE_STEPS = 4
+TRAIN_ARGS = [
+    "--ds_config", "ds_configs/zero3_cpu.json", "--model", "tiny-qwen2",
+    "--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS),
+    "--num_generations", "2", "--prompt_length", "32", "--max_new_tokens", "8",
+]
+JOB_TIMEOUT_S = 480
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI must run the Slurm tests, but: {reason}")
+        pytest.skip(reason)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def submit(cluster: SlurmCluster, runs_dir: Path) -> tuple[subprocess.Popen, int, Path]:
+    """`sbatch -N 2 --wait grpo.sbatch TRAIN_ARGS` from the repository root; returns (sbatch, job id, job dir)."""
+    env = dict(
+        cluster.env,
+        GRPO_RUNS_DIR=str(runs_dir),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), cluster.env["PATH"]]),
+    )
+    sbatch = subprocess.Popen(
+        ["sbatch", "-N", "2", "--wait", "--parsable", f"--output={runs_dir}/slurm-%j.out",
+         "launch/slurm/grpo.sbatch", *TRAIN_ARGS],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    job_id = int(sbatch.stdout.readline().split(";")[0])
+    return sbatch, job_id, runs_dir / f"grpo-{job_id}"
+
+
+def wait_job(sbatch: subprocess.Popen, job_dir: Path) -> int:
+    try:
+        return sbatch.wait(JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sbatch.kill()
+        pytest.fail(f"job did not finish in {JOB_TIMEOUT_S} s\n{logs(job_dir)}")
+
+
+def metrics(job_dir: Path) -> list[dict]:
+    path = job_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def checkpoint_steps(job_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step_")) for p in (job_dir / "checkpoints").glob("step_*"))
+
+
+def logs(job_dir: Path, tail: int = 40) -> str:
+    """The last lines of the job's batch and node logs, for failure messages."""
+    parts = []
+    for path in sorted((job_dir / "logs").glob("*.log")):
+        lines = path.read_text(errors="replace").splitlines()[-tail:]
+        parts.append(f"--- {path.name}\n" + "\n".join(lines))
+    return "\n".join(parts) or f"(no logs under {job_dir})"
+
+
+def poll(condition, timeout_s: float, what: str, job_dir: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{logs(job_dir)}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: SlurmCluster, runs_dir: Path) -> tuple[int, Path]:
+    """One run of TRAIN_ARGS on two nodes, start to finish: (sbatch exit code, job dir)."""
+    sbatch, _, job_dir = submit(cluster, runs_dir)
+    return wait_job(sbatch, job_dir), job_dir
+
+
+@pytest.mark.slurm
+def test_two_node_job_trains_with_world_size_two_across_node_ranks(uninterrupted: tuple[int, Path]) -> None:
+    returncode, job_dir = uninterrupted
+    assert returncode == 0, logs(job_dir)
+    rows = metrics(job_dir)
+    assert [row["step"] for row in rows][-1] == MAX_STEPS, logs(job_dir)
+    assert all(row["world_size"] == 2 for row in rows), rows
+    assert all(sorted(row["node_ranks"]) == [0, 1] for row in rows), rows
+    assert SAVE_STEPS in checkpoint_steps(job_dir), logs(job_dir)
+
+
+@pytest.mark.slurm
+def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_steps(
+    cluster: SlurmCluster, runs_dir: Path, uninterrupted: tuple[int, Path]
+) -> None:
+    sbatch, job_id, job_dir = submit(cluster, runs_dir)
+    poll(lambda: metrics(job_dir), JOB_TIMEOUT_S, "the first training step", job_dir)
+    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=cluster.env, check=True)
+
+    poll(lambda: cluster.job_fields(job_id)["Restarts"] == "1", 120, "the job to requeue itself", job_dir)
+    saved_at_preemption = checkpoint_steps(job_dir)
+    steps_before_requeue = [row["step"] for row in metrics(job_dir)]
+    assert wait_job(sbatch, job_dir) == 0, logs(job_dir)
+
+    stopped_at = steps_before_requeue[-1]
+    assert stopped_at < SAVE_STEPS, f"the signal was handled only at step {stopped_at}: nothing to resume"
+    assert saved_at_preemption == [stopped_at], logs(job_dir)
+    assert cluster.job_fields(job_id)["JobState"] == "COMPLETED"
+    steps = [row["step"] for row in metrics(job_dir)]
+    assert steps == [row["step"] for row in metrics(uninterrupted[1])], logs(job_dir)
+
+
+@pytest.fixture
+def usr1_handler_restored():
+    previous = signal.getsignal(signal.SIGUSR1)
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_signal_requests_a_stop_in_a_single_process(usr1_handler_restored) -> None:
+    guard = PreemptionGuard()
+    assert not guard.stop_requested()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert guard.stop_requested()
+
+
+def test_requeue_outside_a_slurm_job_does_nothing(usr1_handler_restored, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("PATH", "")
+    assert PreemptionGuard().requeue() is None
+
+
+@pytest.mark.parametrize("signum, error", [(signal.SIGKILL, ValueError), (0, ValueError), ("USR1", TypeError)])
+def test_guard_refuses_a_signal_it_cannot_catch(usr1_handler_restored, signum, error) -> None:
+    with pytest.raises(error, match="signum"):
+        PreemptionGuard(signum)
+
+
+def _agree_on_stop(rank: int, init_file: str, answers: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    guard = PreemptionGuard()
+    before = guard.stop_requested()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    answers[rank] = (before, guard.stop_requested())
+    dist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    with mp.Manager() as manager:
+        answers = manager.dict()
+        mp.spawn(_agree_on_stop, args=(str(tmp_path / "init"), answers), nprocs=2)
+        assert dict(answers) == {0: (False, True), 1: (False, True)}
+
+
+@pytest.mark.parametrize(
+    "variables, expected",
+    [
+        ({}, 0),
+        ({"SLURM_NODEID": "1"}, 1),
+        ({"CROSS_RANK": "2", "SLURM_NODEID": "1"}, 2),
+        ({"GROUP_RANK": "3", "SLURM_NODEID": "1"}, 3),
+    ],
+)
+def test_node_rank_prefers_the_launcher_over_slurm(monkeypatch: pytest.MonkeyPatch, variables, expected) -> None:
+    for name in ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert node_rank() == expected
+
+
+def test_node_rank_rejects_a_malformed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CROSS_RANK", raising=False)
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+    monkeypatch.setenv("SLURM_NODEID", "n1")
+    with pytest.raises(ValueError, match="SLURM_NODEID"):
+        node_rank()

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 PEER_ATTENTION = "prefix_grouper_bench"
-HeadLogprobs = Callable[[Tensor, Tensor], Tensor]
+HeadLogprobs = Callable[[Tensor, Tensor], Tensor]  # hidden [R, h], targets [R] -> log p(target) [R]
 
 
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, *, scaling: float | None = None) -> Tensor:
@@ -67,11 +67,11 @@ def _has_flash_attn() -> bool:
 
 
 def default_head_logprobs(model: torch.nn.Module) -> HeadLogprobs:
-    """hidden [N, Lc, h], labels [N, Lc] -> log p(label) [N, Lc] through the model's LM head, in fp32."""
+    """hidden [R, h], targets [R] -> log p(target) [R] through the model's LM head, in fp32."""
 
-    def head(hidden: Tensor, labels: Tensor) -> Tensor:
-        logits = model.lm_head(hidden).float()
-        return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    def head(hidden: Tensor, targets: Tensor) -> Tensor:
+        logits = model.get_output_embeddings()(hidden).float()
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
     return head
 
@@ -89,6 +89,8 @@ def peer_completion_logprobs(
 ) -> Tensor:
     """Completion log-probs [N, Lc] (0 at padding) through the peer, as its README shows.
 
+    The LM head runs on completion positions only, through `head_logprobs`.
+
     prompt_ids/mask: [B, Lp] one row per group; completion_ids/mask: [N, Lc] right-padded,
     G consecutive rows per group. `model` must have been through `attach_peer`.
     """
@@ -105,8 +107,7 @@ def peer_completion_logprobs(
         input_ids=input_ids, position_ids=position_ids, prefix_grouper=grouper, **(forward_kwargs or {})
     ).last_hidden_state
     _, _, suffix_hidden, _ = grouper.split_output(hidden, include_prefix_last=1)
-    width = completion_ids.shape[1]
-    hidden = suffix_hidden[:, :-1][:, :width]
-    logps = head_logprobs(hidden, completion_ids[:, : hidden.shape[1]])
-    logps = F.pad(logps, (0, width - logps.shape[1]))
-    return logps * cm
+    hidden = suffix_hidden[:, :-1]  # [N, max S, h]: row c predicts completion token c
+    valid = cm[:, : hidden.shape[1]]
+    logps = head_logprobs(hidden[valid], completion_ids[:, : hidden.shape[1]][valid])
+    return logps.new_zeros(cm.shape).index_put(valid.nonzero(as_tuple=True), logps)

@@ -85,7 +85,8 @@ def chunked_head_logprobs(
     )
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (lm_head, hidden[start : start + chunk_size], targets[start : start + chunk_size], transform, with_entropy)
+        rows = slice(start, start + chunk_size)
+        args = (lm_head, hidden[rows], targets[rows], transform, with_entropy)
         lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if needs_grad else _head_chunk(*args)
         logps.append(lp)
         entropies.append(ent)

@@ -130,7 +130,8 @@ def _state_of(module: nn.Module) -> PatchState:
     state = getattr(module, "_prefix_grouper", None)
     if state is None:
         raise RuntimeError(
-            f"{type(module).__name__} uses attn_implementation={ATTN_NAME!r} but was not patched; call patch_model(model)"
+            f"{type(module).__name__} uses attn_implementation={ATTN_NAME!r} but was not patched; "
+            "call patch_model(model)"
         )
     return state
 
@@ -194,7 +195,9 @@ def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: Pre
     x = arguments.get("inputs_embeds") if x is None else x
     if x is None or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != layout.num_tokens:
         shape = None if x is None else tuple(x.shape)
-        raise ValueError(f"a prefix_layout forward needs input_ids [1, {layout.num_tokens}] (or inputs_embeds), got {shape}")
+        raise ValueError(
+            f"a prefix_layout forward needs input_ids [1, {layout.num_tokens}] (or inputs_embeds), got {shape}"
+        )
     if x.device != layout.device:
         raise ValueError(f"inputs are on {x.device} but the layout is on {layout.device}; use layout.to(device)")
     if arguments.get("attention_mask") is not None:
@@ -205,7 +208,9 @@ def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: Pre
     if window is not None:
         longest = int((layout.prefix_lens[layout.member_group] + layout.suffix_lens).max())
         if longest > window:
-            raise ValueError(f"a prompt + completion of {longest} tokens exceeds the model's attention window ({window})")
+            raise ValueError(
+                f"a prompt + completion of {longest} tokens exceeds the model's attention window ({window})"
+            )
 
 
 def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

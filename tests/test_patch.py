@@ -15,16 +15,21 @@ from reference import TINY, TINY_FAMILIES, member_hidden_states, tiny_causal_lm
 def _random_layout(seed: int):
     """(layout, packed ids [T], prompts per group, completions per member, group sizes)."""
     g = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(1, 4, (torch.randint(1, 4, (1,), generator=g),), generator=g).tolist()
-    prompts = [torch.randint(0, 128, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g) for _ in sizes]
-    completions = [torch.randint(0, 128, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g) for _ in range(sum(sizes))]
-    suffix_lens, at = [], 0
-    for size in sizes:
-        suffix_lens.append([len(c) for c in completions[at : at + size]])
-        at += size
-    layout = PrefixGroupLayout.from_lengths([len(p) for p in prompts], suffix_lens)
-    ids = torch.cat([torch.cat([p, *completions[sum(sizes[:i]) : sum(sizes[: i + 1])]]) for i, p in enumerate(prompts)])
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    tokens = lambda n: torch.randint(0, 128, (n,), generator=g)
+    sizes = [rand(1, 3) for _ in range(rand(1, 3))]
+    prompts = [tokens(rand(1, 8)) for _ in sizes]
+    completions = [tokens(rand(1, 5)) for _ in range(sum(sizes))]
+    starts = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
+    members = [completions[starts[g] : starts[g + 1]] for g in range(len(sizes))]
+    layout = PrefixGroupLayout.from_lengths([len(p) for p in prompts], [[len(c) for c in m] for m in members])
+    ids = torch.cat([torch.cat([p, *m]) for p, m in zip(prompts, members)])
     return layout, ids, prompts, completions, sizes
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def _left_padded_batch():
@@ -59,8 +64,7 @@ def test_without_layout_the_original_model_runs(family, attn_implementation):
     model = patch_model(copy.deepcopy(reference))
     assert model.config._attn_implementation == "prefix_grouper"
     ids, mask = _left_padded_batch()
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(_logits(model, ids, mask), _logits(reference, ids, mask))
     generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
                     return_dict_in_generate=True)
     ours, theirs = model.generate(**generate), reference.generate(**generate)
@@ -101,8 +105,8 @@ def test_patching_twice_is_harmless():
     assert twice._prefix_grouper.original == "sdpa"
     ids, mask = _left_padded_batch()
     layout, packed, *_ = _random_layout(2)
+    assert torch.equal(_logits(twice, ids, mask), _logits(reference, ids, mask))
     with torch.no_grad():
-        assert torch.equal(twice(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
         assert torch.equal(twice(input_ids=packed[None], prefix_layout=layout).logits,
                            once(input_ids=packed[None], prefix_layout=layout).logits)
 
@@ -122,8 +126,7 @@ def test_saved_model_carries_no_trace_of_the_patch(tmp_path):
     assert "prefix_grouper" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids, mask = _left_padded_batch()
-    with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(_logits(reloaded, ids, mask), _logits(reference, ids, mask))
 
 
 @pytest.mark.parametrize(
@@ -170,7 +173,9 @@ def _gemma2():
 
 
 def _llama4_chunked():
-    config = tf.Llama4TextConfig(**TINY, head_dim=16, attention_chunk_size=32, num_local_experts=2, intermediate_size_mlp=128)
+    config = tf.Llama4TextConfig(
+        **TINY, head_dim=16, attention_chunk_size=32, num_local_experts=2, intermediate_size_mlp=128
+    )
     return tf.Llama4ForCausalLM(config)
 
 
@@ -182,6 +187,15 @@ def _qwen3_next():
     return tf.Qwen3NextForCausalLM(config)
 
 
+def _mamba():
+    return tf.MambaForCausalLM(tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128))
+
+
+def _t5():
+    config = tf.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=128)
+    return tf.T5ForConditionalGeneration(config)
+
+
 @pytest.mark.parametrize(
     "build, match",
     [
@@ -189,10 +203,8 @@ def _qwen3_next():
         (lambda: tiny_causal_lm("mistral", sliding_window=16), "sliding_window=16 would cut into .* max_length=256"),
         (_llama4_chunked, "attention_chunk_size=32 would cut into"),
         (_qwen3_next, r"linear-attention or hybrid layers \(linear_attention\)"),
-        (lambda: tf.MambaForCausalLM(tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128)),
-         "does not route its attention through transformers' AttentionInterface"),
-        (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=128)),
-         "encoder-decoder models are not supported"),
+        (_mamba, "does not route its attention through transformers' AttentionInterface"),
+        (_t5, "encoder-decoder models are not supported"),
     ],
     ids=["gemma2-softcap", "mistral-sliding", "llama4-chunked", "qwen3next-linear", "mamba", "t5-encoder-decoder"],
 )
@@ -205,7 +217,9 @@ def test_unsupported_models_are_refused_at_patch_time_and_left_unchanged(build, 
     assert not hasattr(model, "_prefix_grouper")
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(backend="triton"), "unknown attention backend"), (dict(max_length=0), "max_length")])
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(backend="triton"), "unknown attention backend"), (dict(max_length=0), "max_length")]
+)
 def test_bad_patch_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         patch_model(tiny_causal_lm("llama"), **kwargs)
@@ -220,7 +234,9 @@ def test_generate_with_a_static_cache_builds_the_original_masks():
     reference = tiny_causal_lm("llama")
     model = patch_model(copy.deepcopy(reference))
     ids, mask = _left_padded_batch()
-    generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    generate = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static"
+    )
     assert torch.equal(model.generate(**generate), reference.generate(**generate))
 
 

@@ -82,7 +82,7 @@ def peer_completion_logprobs(
     prompt_mask: Tensor,
     completion_ids: Tensor,
     completion_mask: Tensor,
-    group_size: int,
+    group_size: int | list[int],
     *,
     head_logprobs: HeadLogprobs,
     forward_kwargs: dict | None = None,
@@ -92,7 +92,7 @@ def peer_completion_logprobs(
     The LM head runs on completion positions only, through `head_logprobs`.
 
     prompt_ids/mask: [B, Lp] one row per group; completion_ids/mask: [N, Lc] right-padded,
-    G consecutive rows per group. `model` must have been through `attach_peer`.
+    G_g consecutive rows per group (`group_size`: one G, or a list of B). `model` must have been through `attach_peer`.
     """
     from prefix_grouper import PrefixGrouper
 
@@ -100,7 +100,7 @@ def peer_completion_logprobs(
     grouper = PrefixGrouper.from_ungrouped_masks(pm, cm, group_size, device=prompt_ids.device, padding_mode="right")
     input_ids = grouper.concat_input(prompt_ids, pm, completion_ids, cm)
     prefix_pos = pm.long().cumsum(1) - 1
-    prompt_len = pm.sum(1).repeat_interleave(group_size)
+    prompt_len = pm.sum(1).repeat_interleave(torch.as_tensor(group_size, device=pm.device))
     suffix_pos = prompt_len[:, None] + cm.long().cumsum(1) - 1
     position_ids = grouper.concat_input(prefix_pos, pm, suffix_pos, cm)
     hidden = model.model(

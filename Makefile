@@ -19,5 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+demo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus 2 launch/train.py \
+		--ds_config ds_configs/zero3_cpu.json --output_dir outputs/demo
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

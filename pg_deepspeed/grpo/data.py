@@ -54,6 +54,26 @@ class MajorityDigitTask:
         return Example(prompt="digits:" + " ".join(map(str, digits)) + "\nmost=", answer=str(answer))
 
 
+class NeedleDigitTask:
+    """Needle in a haystack: one digit hidden in a long run of letters; the answer is that digit."""
+
+    name = "needle"
+
+    def __init__(self, prompt_length: int, seed: int) -> None:
+        self.count = max(2, prompt_length - len("text:\ndigit="))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def example(self, index: int) -> Example:
+        rng = random.Random(f"{self.seed}:needle:{index}")
+        letters = rng.choices(string.ascii_lowercase, k=self.count)
+        answer = str(rng.randrange(10))
+        letters[rng.randrange(self.count)] = answer
+        return Example(prompt="text:" + "".join(letters) + "\ndigit=", answer=answer)
+
+
 class KVRetrievalTask:
     """Key-value retrieval from a long haystack: 'ab=3;cd=7;...' then 'ab?'; the answer is the value."""
 
@@ -78,7 +98,7 @@ class KVRetrievalTask:
         return Example(prompt=f"kv:{haystack}\n{keys[i]}?=", answer=values[i])
 
 
-TASKS = {"majority": MajorityDigitTask, "kv_retrieval": KVRetrievalTask}
+TASKS = {"needle": NeedleDigitTask, "majority": MajorityDigitTask, "kv_retrieval": KVRetrievalTask}
 
 
 class FileDataset:

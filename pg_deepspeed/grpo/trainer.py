@@ -216,17 +216,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
     check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
     reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
 
+    ds_config = load_ds_config(
+        train.ds_config, micro_batch_size=train.prompts_per_device,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")), hidden_size=config.hidden_size, dtype=model_args.dtype,
+        lr=train.learning_rate, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
+        total_steps=train.sft_warmup_steps + train.max_steps * grpo.num_iterations,
+    )
+
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
-    updates_per_step = grpo.num_iterations
-    ds_config = load_ds_config(
-        train.ds_config, micro_batch_size=train.prompts_per_device,
-        gradient_accumulation_steps=train.gradient_accumulation_steps, world_size=world,
-        hidden_size=config.hidden_size, dtype=model_args.dtype, lr=train.learning_rate,
-        weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
-        total_steps=max(1, train.sft_warmup_steps + train.max_steps * updates_per_step),
-    )
     deepspeed.runtime.utils.set_random_seed(train.seed)
     dtype = DTYPES[model_args.dtype]
     policy = init_policy(build_model(model_args.model, ds_config, dtype=dtype,

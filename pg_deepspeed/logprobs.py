@@ -110,7 +110,7 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
     if decoder is model:
         decoder = getattr(model, "model", None)
     if not isinstance(decoder, nn.Module):
-        raise ValueError(f"cannot find the decoder of {type(model).__name__} (get_decoder() returns the model itself)")
+        raise ValueError(f"cannot find the decoder of {type(model).__name__}: get_decoder() returns it, no .model")
     return decoder
 
 

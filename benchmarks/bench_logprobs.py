@@ -210,15 +210,25 @@ def probe_memory(args: argparse.Namespace) -> float:
     return memory.cpu_peak_mib(lambda: run(args.probe_memory, batch))
 
 
-def peak_memory_cpu(args: argparse.Namespace, name: str, P: int, S: int, G: int) -> float:
-    """`probe_memory` in a fresh interpreter, so no earlier pass hides the peak."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--probe-memory", name, "--device", args.device,
-           "--dtype", args.dtype, "--shape", args.shape, "--prompts", str(args.prompts),
-           "-P", str(P), "-S", str(S), "-G", str(G)] + (["--step"] if args.step else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe {name} P={P} S={S} G={G} failed:\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"])
+def peak_memory_cpu(args: argparse.Namespace, names: tuple[str, ...], P: int, S: int, G: int) -> dict[str, float]:
+    """`probe_memory` per variant, each in a fresh interpreter so no earlier pass hides its peak.
+
+    The probes run side by side (they are not timed, and each reads only its own process's RSS).
+    """
+    procs = {}
+    for name in names:
+        cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--probe-memory", name, "--device", args.device,
+               "--dtype", args.dtype, "--shape", args.shape, "--prompts", str(args.prompts),
+               "-P", str(P), "-S", str(S), "-G", str(G)] + (["--step"] if args.step else [])
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       cwd=Path(__file__).resolve().parent.parent)
+    peaks = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {name} P={P} S={S} G={G} failed:\n{err[-3000:]}")
+        peaks[name] = float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    return peaks
 
 
 # ---------------------------------------------------------------------------------- modes
@@ -243,7 +253,7 @@ def run_grid(args: argparse.Namespace) -> list[report.Row]:
                 if device.type == "cuda":
                     peak = {n: memory.cuda_peak_mib(lambda n=n: run(n, batch), device) for n in names}
                 else:
-                    peak = {n: peak_memory_cpu(args, n, P, S, G) for n in names}
+                    peak = peak_memory_cpu(args, names, P, S, G)
                 limit = flop_limit(shape, P, S, G)  # B equal groups scale both sides alike
                 for n in names:
                     vs_base = ms["baseline"] / ms[n] if "baseline" in ms else float("nan")

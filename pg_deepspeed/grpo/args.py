@@ -20,14 +20,14 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     task: str = field(
-        default="majority",
-        metadata={"help": "Built-in synthetic task (majority, kv_retrieval), used when --dataset is not given."},
+        default="needle",
+        metadata={"help": "Built-in synthetic task (needle, majority, kv_retrieval), used without --dataset."},
     )
     dataset: str | None = field(
         default=None, metadata={"help": "A local .jsonl or .parquet file with `prompt` and `answer` fields."}
     )
     prompt_length: int = field(
-        default=192, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
+        default=256, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
     )
 
 
@@ -66,10 +66,10 @@ class GRPOArguments:
 class TrainArguments:
     ds_config: str = field(metadata={"help": "DeepSpeed JSON config (required), e.g. ds_configs/zero3_cpu.json."})
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Metrics, checkpoints, export and plots."})
-    max_steps: int = field(default=60, metadata={"help": "Rollout steps to train."})
+    max_steps: int = field(default=80, metadata={"help": "Rollout steps to train."})
     prompts_per_device: int = field(default=4, metadata={"help": "Prompts (groups) per micro-batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up optimizer steps before cosine decay."})
     sft_warmup_steps: int = field(

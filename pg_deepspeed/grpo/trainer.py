@@ -227,6 +227,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one node share its cores; oversubscribed threads stall every collective
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     deepspeed.runtime.utils.set_random_seed(train.seed)
     dtype = DTYPES[model_args.dtype]
     policy = init_policy(build_model(model_args.model, ds_config, dtype=dtype,
@@ -249,6 +252,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
     while step < train.max_steps:
         t0 = time.perf_counter()
         batch = rollout(policy, tokenizer, source, reward_fn, grpo, train, step, rank, world, device)
+        t_rollout = time.perf_counter() - t0
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         stats = update(policy, batch, grpo, train)
         step += 1
@@ -258,15 +262,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
         saved = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
-        loss, kl, clip_frac, saved, tokens, completion_len, elapsed = all_mean(
+        loss, kl, clip_frac, saved, tokens, completion_len, elapsed, t_rollout = all_mean(
             [stats["loss"], stats["kl"], stats["clip_frac"], saved, tokens,
-             float(batch.completion_mask.sum(1).float().mean()), elapsed], device)
+             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout], device)
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
             "completion_length": completion_len, "tokens_per_s": tokens * world / elapsed,
             "prefix_tokens_saved": int(saved * world * logprob_passes),
-            "step_time_s": elapsed, "lr": policy.get_lr()[0], "world_size": world, "node_ranks": nodes,
+            "step_time_s": elapsed, "rollout_time_s": t_rollout, "lr": policy.get_lr()[0], "world_size": world, "node_ranks": nodes,
         })
 
         if train.save_steps and step % train.save_steps == 0:

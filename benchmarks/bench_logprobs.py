@@ -9,6 +9,8 @@
 Variants, timed in one process, interleaved (the order rotates every repeat), after warm-ups:
   baseline  `completion_logprobs(..., prefix_grouping=False)`: each member as prompt+completion,
             packed varlen, no padding, LM head on completion positions only
+  hf_sdpa   stock transformers (sdpa), members batched as [N, P+S]; the bench's lengths are equal,
+            so this is also unpadded; same LM head maths, completion positions only
   peer      the `prefix-grouper` package (benchmarks/peer.py), same weights, same LM head maths
   ours      `completion_logprobs(..., prefix_grouping=True)`
 Before timing, every variant's log-probs are compared with ours (fp32 must agree to 1e-4).
@@ -35,7 +37,7 @@ from .flops import flop_limit
 from .peer import attach_peer, peer_completion_logprobs
 from .shapes import SHAPES, ModelShape, get_shape
 
-VARIANTS = ("baseline", "peer", "ours")
+VARIANTS = ("baseline", "hf_sdpa", "peer", "ours")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_TOLERANCE = 1e-4
 MAX_PROMPT_LADDER = (2048, 4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072)
@@ -54,7 +56,7 @@ class Preset:
 
 
 PRESETS = {
-    "ci": Preset("cpu", "float32", "tiny", (512, 2048), (128,), (2, 4, 8), warmup=1, repeats=5),
+    "ci": Preset("cpu", "float32", "tiny", (512, 2048), (128,), (2, 4, 8), warmup=1, repeats=3),
     "h100": Preset("cuda", "bfloat16", "1.5b", (2048, 8192), (512,), (4, 8, 16), warmup=2, repeats=10),
 }
 
@@ -95,11 +97,14 @@ def build_variants(shape: ModelShape, dtype: torch.dtype, device: torch.device, 
         for name, grouped in (("baseline", False), ("ours", True)):
             if name in names:
                 variants[name] = (model, _ours(completion_logprobs, model, grouped))
+    if "hf_sdpa" in names:
+        stock = shape.build(dtype, device)
+        stock.set_attn_implementation("sdpa")
+        variants["hf_sdpa"] = (stock, _stock(stock, _head_logprobs(stock)))
     if "peer" in names:
         peer_model = shape.build(dtype, device)
         kwargs = attach_peer(peer_model)
-        head = _head_logprobs(peer_model)
-        variants["peer"] = (peer_model, _peer(peer_model, head, kwargs))
+        variants["peer"] = (peer_model, _peer(peer_model, _head_logprobs(peer_model), kwargs))
     return {name: variants[name] for name in names}
 
 
@@ -109,6 +114,18 @@ def _ours(completion_logprobs, model, grouped: bool) -> Variant:
             model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, b.group_size,
             prefix_grouping=grouped,
         )
+
+    return run
+
+
+def _stock(model, head) -> Variant:
+    def run(b: Batch) -> Tensor:
+        if not (bool(b.prompt_mask.all()) and bool(b.completion_mask.all())):
+            raise ValueError("the hf_sdpa variant batches members unpadded, so it needs every mask all ones")
+        P, (N, S) = b.prompt_ids.shape[1], b.completion_ids.shape
+        ids = torch.cat([b.prompt_ids.repeat_interleave(b.group_size, 0), b.completion_ids], 1)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, P - 1 : -1]  # row c predicts token c
+        return head(hidden.reshape(N * S, -1), b.completion_ids.reshape(-1)).view(N, S)
 
     return run
 
@@ -255,12 +272,11 @@ def run_grid(args: argparse.Namespace) -> list[report.Row]:
                 else:
                     peak = peak_memory_cpu(args, names, P, S, G)
                 limit = flop_limit(shape, P, S, G)  # B equal groups scale both sides alike
+                speedup = lambda ref, n: ms[ref] / ms[n] if ref in ms else float("nan")
                 for n in names:
-                    vs_base = ms["baseline"] / ms[n] if "baseline" in ms else float("nan")
                     rows.append(report.Row(
-                        P, S, G, n, ms[n], peak[n], vs_base,
-                        ms["peer"] / ms[n] if "peer" in ms else float("nan"),
-                        limit, 100.0 * vs_base / limit,
+                        P, S, G, n, ms[n], peak[n], speedup("baseline", n), speedup("hf_sdpa", n),
+                        speedup("peer", n), limit, 100.0 * speedup("baseline", n) / limit,
                     ))
                 print(report.format_table(rows[-len(names):]), flush=True)
     return rows

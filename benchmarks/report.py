@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Row:
-    """One variant at one grid point. Speedups are baseline (or peer) time over this time."""
+    """One variant at one grid point. A speedup is the other variant's time over this one's."""
 
     prompt_len: int
     completion_len: int
@@ -18,13 +18,14 @@ class Row:
     time_ms: float
     peak_mib: float
     speedup_vs_baseline: float
+    speedup_vs_hf: float
     speedup_vs_peer: float
     flop_limit: float
     pct_of_limit: float
 
 
 COLUMNS = [f.name for f in fields(Row)]
-_HEADER = ("P", "S", "G", "variant", "time ms", "peak MiB", "x baseline", "x peer", "FLOP limit", "% of limit")
+_HEADER = ("P", "S", "G", "variant", "time ms", "peak MiB", "x baseline", "x hf_sdpa", "x peer", "FLOP limit", "% of limit")
 
 
 def _cell(x) -> str:
@@ -65,7 +66,7 @@ def plot_speedup(rows: list[Row], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = sorted({(r.prompt_len, r.completion_len) for r in rows})
-    styles = {"ours": "-o", "peer": "--s"}
+    styles = {"ours": "-o", "peer": "--s", "hf_sdpa": "-.^"}
     for i, (P, S) in enumerate(keys):
         colour = f"C{i}"
         at = sorted((r for r in rows if (r.prompt_len, r.completion_len) == (P, S)), key=lambda r: r.group_size)

@@ -105,8 +105,8 @@ def test_peer_logprobs_match_the_standard_forward(seed, padding_side):
 
 
 def test_csv_round_trips_and_table_has_one_line_per_row(tmp_path):
-    rows = [Row(64, 16, 2, "ours", 1.5, 10.0, 1.4, 1.1, 1.6, 87.5), Row(64, 16, 2, "peer", 2.0, 20.0, 1.05,
-                                                                         1.0, 1.6, 65.6)]
+    rows = [Row(64, 16, 2, "ours", 1.5, 10.0, 1.4, 1.2, 1.1, 1.6, 87.5),
+            Row(64, 16, 2, "peer", 2.0, 20.0, 1.05, 0.9, 1.0, 1.6, 65.6)]
     write_csv(rows, tmp_path / "x.csv")
     assert read_csv(tmp_path / "x.csv") == rows
     assert len(format_table(rows).splitlines()) == 2 + len(rows)
@@ -119,10 +119,9 @@ def test_cpu_preset_smoke_run_writes_finite_outputs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "bench_logprobs.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    assert [list(line) for line in lines] == [COLUMNS] * 3  # one grid point x 3 variants
-    assert {line["variant"] for line in lines} == {"baseline", "peer", "ours"}
-    numbers = [float(line[c]) for line in lines for c in ("time_ms", "peak_mib", "speedup_vs_baseline",
-                                                          "speedup_vs_peer", "flop_limit", "pct_of_limit")]
+    assert [list(line) for line in lines] == [COLUMNS] * 4  # one grid point x 4 variants
+    assert {line["variant"] for line in lines} == {"baseline", "hf_sdpa", "peer", "ours"}
+    numbers = [float(line[c]) for line in lines for c in COLUMNS[4:]]
     assert all(math.isfinite(x) for x in numbers)
     assert (tmp_path / "bench_logprobs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "agreement" in done.stdout

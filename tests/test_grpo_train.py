@@ -79,3 +79,28 @@ def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
     path.write_text(json.dumps(config))
     err = train_fails_with(tmp_path, "--ds_config", str(path), "--prompts_per_device", "2")
     assert "train_micro_batch_size_per_gpu is 16 in the config but the arguments give 2" in err
+
+
+@pytest.mark.distributed
+def test_trains_a_local_hf_model_directory_on_a_jsonl_file(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pg_deepspeed.presets import preset_config
+    from pg_deepspeed.tokenizer import build_char_tokenizer
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("tiny-llama")).save_pretrained(model_dir)
+    build_char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(9) for b in range(4)))
+    out = tmp_path / "run"
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--model", str(model_dir),
+        "--dataset", str(data), "--reward_fn", "numeric_match", "--output_dir", str(out), "--max_steps", "2",
+        "--num_generations", "2", "--max_new_tokens", "3", "--prompts_per_device", "2", "--no_export",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["world_size"] == 2

@@ -62,11 +62,14 @@ def build_model(
     config = preset_config(model) if is_preset(model) else AutoConfig.from_pretrained(model)
     config.use_cache = False
     if zero_stage(ds_config) == 3:
+        if _precision(ds_config) != dtype:
+            raise ValueError(f"dtype {dtype} disagrees with the DeepSpeed config, which trains in "
+                             f"{_precision(ds_config)} (its bf16/fp16 sections)")
         deepspeed.init_distributed()  # zero.Init reads the world size when it checks the batch sizes
         # transformers' own ZeRO-3 recipe: skip init on the empty shards, keep RoPE's arange dtypes, init after
-        with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(
-            config_dict_or_path=ds_config, dtype=dtype
-        ):
+        # no dtype= here: zero.Init(dtype=float32) on a CPU accelerator builds bfloat16 (deepspeed 0.19.8 parses
+        # `dtype or fp16 if fp16_supported else bf16 ...` as `(dtype or fp16) if ...`); from the config it is right
+        with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             module = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if is_preset(model):
             initialize_weights_zero3(module)
@@ -77,7 +80,11 @@ def build_model(
     else:
         module = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype)
     if gradient_checkpointing:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: recomputation re-enters ZeRO-3's gather hooks like the first forward
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from .patch import patch_model
 
     return patch_model(module)
@@ -184,6 +191,15 @@ def export_hf(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenizerB
             tokenizer.save_pretrained(out_dir)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _precision(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains in under ``ds_config``."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
 
 
 def _check_model_name(model: str) -> None:

@@ -28,7 +28,7 @@ SAVE_STEPS = 4
 TRAIN_ARGS = [
     "--ds_config", "ds_configs/zero3_cpu.json", "--model", "tiny-qwen2",
     "--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS),
-    "--num_generations", "2", "--prompt_length", "32", "--max_new_tokens", "8",
+    "--num_generations", "2", "--prompt_length", "32", "--max_new_tokens", "8", "--no_export",
 ]
 JOB_TIMEOUT_S = 480
 
@@ -51,11 +51,7 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def submit(cluster: SlurmCluster, runs_dir: Path) -> tuple[subprocess.Popen, int, Path]:
     """`sbatch -N 2 --wait grpo.sbatch TRAIN_ARGS` from the repository root; returns (sbatch, job id, job dir)."""
-    env = dict(
-        cluster.env,
-        GRPO_RUNS_DIR=str(runs_dir),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), cluster.env["PATH"]]),
-    )
+    env = dict(cluster.env, GRPO_RUNS_DIR=str(runs_dir), PYTHON=sys.executable)
     sbatch = subprocess.Popen(
         ["sbatch", "-N", "2", "--wait", "--parsable", f"--output={runs_dir}/slurm-%j.out",
          "launch/slurm/grpo.sbatch", *TRAIN_ARGS],

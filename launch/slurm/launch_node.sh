@@ -5,6 +5,7 @@
 #
 # The node rank is Slurm's SLURM_NODEID; --no_ssh makes DeepSpeed's runner start only this
 # node's ranks (the hostfile lists every node, in SLURM_NODEID order, so ranks line up).
+# `$PYTHON -m deepspeed.launcher.runner` is the `deepspeed` command of that interpreter's environment.
 set -euo pipefail
 (( $# >= 4 )) || { echo "usage: launch_node.sh HOSTFILE MASTER_ADDR MASTER_PORT SCRIPT [args...]" >&2; exit 2; }
 hostfile=$1 master_addr=$2 master_port=$3 script=$4
@@ -14,5 +15,5 @@ shift 4
 # and orphan train.py, so they ignore it (inherited through exec and fork); train.py installs its
 # own handler (PreemptionGuard), which replaces the inherited "ignore".
 trap '' USR1
-exec deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" \
+exec "${PYTHON:-python3}" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" \
     --master_addr "$master_addr" --master_port "$master_port" "$script" "$@"

@@ -7,8 +7,10 @@ they skip, saying why, when Slurm is not installed or this is not root.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,8 +72,10 @@ def wait_job(sbatch: subprocess.Popen, job_dir: Path) -> int:
 
 
 def metrics(job_dir: Path) -> list[dict]:
+    """The complete lines of the run's metrics.jsonl (a line still being written is left out)."""
     path = job_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    complete = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def checkpoint_steps(job_dir: Path) -> list[int]:
@@ -109,10 +113,29 @@ def test_two_node_job_trains_with_world_size_two_across_node_ranks(uninterrupted
     returncode, job_dir = uninterrupted
     assert returncode == 0, logs(job_dir)
     rows = metrics(job_dir)
-    assert [row["step"] for row in rows][-1] == MAX_STEPS, logs(job_dir)
+    assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1)), logs(job_dir)
     assert all(row["world_size"] == 2 for row in rows), rows
     assert all(sorted(row["node_ranks"]) == [0, 1] for row in rows), rows
     assert SAVE_STEPS in checkpoint_steps(job_dir), logs(job_dir)
+
+
+@pytest.mark.slurm
+def test_logs_and_outputs_land_in_the_per_job_directory(uninterrupted: tuple[int, Path], runs_dir: Path) -> None:
+    _, job_dir = uninterrupted
+    assert job_dir.parent == runs_dir and job_dir.name.startswith("grpo-")
+    for name in ("logs/batch.log", "logs/node-0.log", "logs/node-1.log", "hostfile", "metrics.jsonl"):
+        assert (job_dir / name).is_file(), name
+
+
+@pytest.mark.slurm
+def test_arguments_after_the_script_reach_train_py_unchanged(uninterrupted: tuple[int, Path]) -> None:
+    _, job_dir = uninterrupted
+    for node in (0, 1):
+        log = (job_dir / "logs" / f"node-{node}.log").read_text()
+        spawned = re.search(r"spawned with command: (\[.*\])", log)
+        assert spawned, f"no train.py command in node-{node}.log"
+        argv = ast.literal_eval(spawned.group(1))
+        assert argv[2:] == ["launch/train.py", "--local_rank=0", *TRAIN_ARGS, "--output_dir", str(job_dir), "--resume"]
 
 
 @pytest.mark.slurm

@@ -1,0 +1,174 @@
+"""pg_deepspeed.engine, presets and tokenizer: refusals in-process, ZeRO-3 behaviour through the real launcher.
+
+The distributed tests share two launcher runs of tests/dist/zero3_train.py (see its docstring): `main` trains
+three policies (A prefix-grouped with activation checkpointing, B `prefix_grouping=False`, C the naive padded
+forward of tests/reference.py), builds the reference and exports A; `resume` continues A from its step-2 checkpoint.
+"""
+import json
+import math
+import string
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_deepspeed
+from pg_deepspeed.engine import build_model, latest_checkpoint, load_tokenizer
+from pg_deepspeed.presets import PRESETS, is_preset, preset_config
+from pg_deepspeed.tokenizer import build_char_tokenizer
+
+SCRIPT = "tests/dist/zero3_train.py"
+ZERO3_FP32 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ------------------------------------------------------------------------------------- tokenizer, presets
+def test_char_tokenizer_round_trips_printable_text_without_inserting_spaces():
+    tokenizer = build_char_tokenizer()
+    text = string.printable.replace("\t", "").replace("\r", "").replace("\x0b", "").replace("\x0c", "") + "\n\n  x"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
+
+
+def test_char_tokenizer_special_tokens_and_unknown_characters():
+    tokenizer = build_char_tokenizer()
+    assert [tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token] == [
+        "<pad>", "<bos>", "<eos>", "<unk>"]
+    assert tokenizer("a\tb<eos>")["input_ids"][1] == tokenizer.unk_token_id
+    assert tokenizer("a\tb<eos>")["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(tokenizer("ab<eos>")["input_ids"], skip_special_tokens=True) == "ab"
+
+
+def test_char_tokenizer_saves_and_reloads(tmp_path):
+    from transformers import AutoTokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).decode(AutoTokenizer.from_pretrained(tmp_path)("1 + 1 =\n2")[
+        "input_ids"]) == "1 + 1 =\n2"
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_presets_are_tiny_gqa_models_over_the_char_vocabulary(name):
+    config = preset_config(name)
+    assert is_preset(name)
+    assert config.vocab_size == len(build_char_tokenizer())
+    assert config.num_key_value_heads < config.num_attention_heads
+    assert 128 <= config.hidden_size <= 256 and config.max_position_embeddings >= 4096
+
+
+def test_unknown_preset_is_refused_naming_the_presets():
+    with pytest.raises(ValueError, match="tiny-qwen2"):
+        preset_config("tiny-gpt5")
+
+
+# ------------------------------------------------------------------------------------- refusals, no launcher
+def test_build_model_refuses_a_name_that_is_neither_preset_nor_directory():
+    with pytest.raises(ValueError, match="'/no/such/model' is neither a preset"):
+        build_model("/no/such/model", ZERO3_FP32, dtype=torch.float32)
+
+
+def test_build_model_refuses_a_non_dtype():
+    with pytest.raises(TypeError, match="dtype"):
+        build_model("tiny-qwen2", ZERO3_FP32, dtype="float32")
+
+
+def test_build_model_refuses_a_dtype_the_zero3_config_does_not_train_in():
+    with pytest.raises(ValueError, match="disagrees with the DeepSpeed config"):
+        build_model("tiny-qwen2", ZERO3_FP32, dtype=torch.bfloat16)
+
+
+def test_load_tokenizer_of_a_preset_is_the_char_tokenizer():
+    assert load_tokenizer("tiny-llama").get_vocab() == build_char_tokenizer().get_vocab()
+
+
+def test_no_checkpoint_means_none(tmp_path):
+    assert latest_checkpoint(str(tmp_path)) is None
+
+
+# ------------------------------------------------------------------------------------- two ranks, ZeRO-3
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    result = run_deepspeed(SCRIPT, "--mode", "main", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-6000:]
+    return out, json.loads((out / "main.json").read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["policy", "reference"])
+def test_each_rank_holds_half_of_every_parameter(zero3_run, engine):
+    shards_per_rank = zero3_run[1][f"{engine}_shards"]
+    assert len(shards_per_rank) == 2
+    for shards in shards_per_rank:
+        for name, local, full in shards:
+            assert local == math.ceil(full / 2), name
+
+
+@pytest.mark.distributed
+def test_policy_is_built_in_the_requested_float32(zero3_run):
+    assert zero3_run[1]["policy_dtypes"] == ["torch.float32"]
+
+
+@pytest.mark.distributed
+def test_runs_start_from_the_same_weights(zero3_run):
+    assert zero3_run[1]["initial_weights_equal"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("standard", ["B", "C"])
+def test_three_grouped_steps_match_three_standard_steps(zero3_run, standard):
+    out, result = zero3_run
+    grouped, other = torch.tensor(result["losses"]["A"]), torch.tensor(result["losses"][standard])
+    assert grouped.shape == (3, 2)
+    assert rel_err(grouped, other) <= 1e-5
+    params_grouped, params_other = torch.load(out / "params_A.pt"), torch.load(out / f"params_{standard}.pt")
+    for name, value in params_other.items():
+        assert rel_err(params_grouped[name], value) <= 1e-5, name
+
+
+@pytest.mark.distributed
+def test_three_steps_moved_every_weight_matrix(zero3_run):
+    out, _ = zero3_run
+    initial, trained = torch.load(out / "params_initial.pt"), torch.load(out / "params_A.pt")
+    assert initial.keys() == trained.keys()
+    for name, value in initial.items():
+        if value.dim() == 2:
+            assert rel_err(trained[name], value) >= 1e-4, name
+
+
+@pytest.mark.distributed
+def test_reference_is_frozen_in_eval_mode_without_optimizer(zero3_run):
+    result = zero3_run[1]
+    assert result["reference_trainable"] == 0
+    assert result["reference_optimizer"] == "DeepSpeedZeRoOffload"  # ZeRO-3's parameter gatherer, no optimizer
+    assert not result["reference_lr_scheduler"]
+    assert not result["reference_training_mode"]
+
+
+@pytest.mark.distributed
+def test_export_loads_in_plain_transformers_with_the_engines_logits(zero3_run):
+    out, result = zero3_run
+    saved = torch.load(out / "export_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits
+    assert (logits - saved["logits"]).abs().max().item() <= 1e-5
+    assert (out / "export" / "tokenizer.json").is_file()
+    assert result["export_and_reload"] <= 1e-5  # the export rebuilt sharded by build_model
+
+
+@pytest.mark.distributed
+def test_resumed_step_three_equals_the_uninterrupted_step_three(zero3_run):
+    out, main = zero3_run
+    result = run_deepspeed(SCRIPT, "--mode", "resume", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-6000:]
+    resumed = json.loads((out / "resume.json").read_text())
+    assert resumed["client_state"] == {"data_position": 4, "step": 2}
+    assert rel_err(torch.tensor(resumed["losses"][0]), torch.tensor(main["losses"]["A"][2])) <= 1e-6
+    uninterrupted, continued = torch.load(out / "params_A.pt"), torch.load(out / "params_resumed.pt")
+    for name, value in uninterrupted.items():
+        assert rel_err(continued[name], value) <= 1e-6, name

@@ -31,6 +31,7 @@ from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
 
 from .ds_config import zero_stage
+from .patch import patch_model
 from .presets import PRESETS, is_preset, preset_config
 from .tokenizer import build_char_tokenizer
 
@@ -66,8 +67,8 @@ def build_model(
             raise ValueError(f"dtype {dtype} disagrees with the DeepSpeed config, which trains in "
                              f"{_precision(ds_config)} (its bf16/fp16 sections)")
         deepspeed.init_distributed()  # zero.Init reads the world size when it checks the batch sizes
-        # transformers' own ZeRO-3 recipe: skip init on the empty shards, keep RoPE's arange dtypes, init after
-        # no dtype= here: zero.Init(dtype=float32) on a CPU accelerator builds bfloat16 (deepspeed 0.19.8 parses
+        # transformers' own ZeRO-3 recipe: skip init on the empty shards, keep RoPE's arange dtypes, init after.
+        # No dtype= here: zero.Init(dtype=float32) on a CPU accelerator builds bfloat16 (deepspeed 0.19.8 parses
         # `dtype or fp16 if fp16_supported else bf16 ...` as `(dtype or fp16) if ...`); from the config it is right
         with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             module = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -85,8 +86,6 @@ def build_model(
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from .patch import patch_model
-
     return patch_model(module)
 
 

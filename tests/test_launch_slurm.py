@@ -128,6 +128,12 @@ def test_logs_and_outputs_land_in_the_per_job_directory(uninterrupted: tuple[int
 
 
 @pytest.mark.slurm
+def test_hostfile_names_every_node_with_one_cpu_rank_each(uninterrupted: tuple[int, Path], cluster: SlurmCluster) -> None:
+    _, job_dir = uninterrupted
+    assert (job_dir / "hostfile").read_text().splitlines() == [f"{node} slots=1" for node in cluster.nodes]
+
+
+@pytest.mark.slurm
 def test_arguments_after_the_script_reach_train_py_unchanged(uninterrupted: tuple[int, Path]) -> None:
     _, job_dir = uninterrupted
     for node in (0, 1):

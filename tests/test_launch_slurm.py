@@ -59,8 +59,11 @@ def submit(cluster: SlurmCluster, runs_dir: Path) -> tuple[subprocess.Popen, int
          "launch/slurm/grpo.sbatch", *TRAIN_ARGS],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    job_id = int(sbatch.stdout.readline().split(";")[0])
-    return sbatch, job_id, runs_dir / f"grpo-{job_id}"
+    submitted = sbatch.stdout.readline().split(";")[0].strip()
+    if not submitted.isdigit():
+        sbatch.wait()
+        pytest.fail(f"sbatch did not submit the job: {submitted}{sbatch.stderr.read()}")
+    return sbatch, int(submitted), runs_dir / f"grpo-{submitted}"
 
 
 def wait_job(sbatch: subprocess.Popen, job_dir: Path) -> int:

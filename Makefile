@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus 2 launch/train.py \
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py \
 		--ds_config ds_configs/zero3_cpu.json --output_dir outputs/demo
 
 clean:

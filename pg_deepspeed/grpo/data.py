@@ -29,7 +29,35 @@ class PromptSource(Protocol):
     def example(self, index: int) -> Example: ...
 
 
-class MajorityDigitTask:
+class SyntheticTask:
+    """A generated task: example `index` comes from a RNG seeded by (seed, task, index), endlessly."""
+
+    name = "synthetic"
+
+    def __init__(self, prompt_length: int, seed: int) -> None:
+        self.prompt_length, self.seed = prompt_length, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.name}:{index}")
+
+
+class NeedleDigitTask(SyntheticTask):
+    """Needle in a haystack: one digit hidden in a long run of letters; the answer is that digit."""
+
+    name = "needle"
+
+    def example(self, index: int) -> Example:
+        rng = self.rng(index)
+        letters = rng.choices(string.ascii_lowercase, k=max(2, self.prompt_length - len("text:\ndigit=")))
+        answer = str(rng.randrange(10))
+        letters[rng.randrange(len(letters))] = answer
+        return Example(prompt="text:" + "".join(letters) + "\ndigit=", answer=answer)
+
+
+class MajorityDigitTask(SyntheticTask):
     """'Which digit occurs most often?' over a long list of digits; the answer is one digit.
 
     The majority digit holds about 40% of the list, so the answer depends on the whole prompt.
@@ -37,59 +65,26 @@ class MajorityDigitTask:
 
     name = "majority"
 
-    def __init__(self, prompt_length: int, seed: int) -> None:
-        self.count = max(4, (prompt_length - len("digits:\nmost=")) // 2)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 2**62
-
     def example(self, index: int) -> Example:
-        rng = random.Random(f"{self.seed}:majority:{index}")
+        rng = self.rng(index)
         top = rng.randrange(10)
         others = [d for d in range(10) if d != top]
-        digits = [top if rng.random() < 0.4 else rng.choice(others) for _ in range(self.count)]
-        counts = np.bincount(digits, minlength=10)
-        answer = int(np.argmax(counts))
+        count = max(4, (self.prompt_length - len("digits:\nmost=")) // 2)
+        digits = [top if rng.random() < 0.4 else rng.choice(others) for _ in range(count)]
+        answer = int(np.argmax(np.bincount(digits, minlength=10)))
         return Example(prompt="digits:" + " ".join(map(str, digits)) + "\nmost=", answer=str(answer))
 
 
-class NeedleDigitTask:
-    """Needle in a haystack: one digit hidden in a long run of letters; the answer is that digit."""
-
-    name = "needle"
-
-    def __init__(self, prompt_length: int, seed: int) -> None:
-        self.count = max(2, prompt_length - len("text:\ndigit="))
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def example(self, index: int) -> Example:
-        rng = random.Random(f"{self.seed}:needle:{index}")
-        letters = rng.choices(string.ascii_lowercase, k=self.count)
-        answer = str(rng.randrange(10))
-        letters[rng.randrange(self.count)] = answer
-        return Example(prompt="text:" + "".join(letters) + "\ndigit=", answer=answer)
-
-
-class KVRetrievalTask:
+class KVRetrievalTask(SyntheticTask):
     """Key-value retrieval from a long haystack: 'ab=3;cd=7;...' then 'ab?'; the answer is the value."""
 
     name = "kv_retrieval"
 
-    def __init__(self, prompt_length: int, seed: int) -> None:
-        self.pairs = max(2, (prompt_length - len("kv:\n??=")) // 5)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 2**62
-
     def example(self, index: int) -> Example:
-        rng = random.Random(f"{self.seed}:kv:{index}")
+        rng = self.rng(index)
+        pairs = max(2, (self.prompt_length - len("kv:\n??=")) // 5)
         keys = set()
-        while len(keys) < self.pairs:
+        while len(keys) < pairs:
             keys.add("".join(rng.choices(string.ascii_lowercase, k=2)))
         keys = sorted(keys, key=lambda _: rng.random())
         values = [str(rng.randrange(10)) for _ in keys]

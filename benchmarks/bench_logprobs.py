@@ -53,11 +53,14 @@ class Preset:
     group_sizes: tuple[int, ...]
     warmup: int
     repeats: int
+    threads: int  # torch intra-op threads; 0 keeps torch's default
 
 
+# ci pins one thread: on a shared 2-core machine two OpenMP threads wait on each other whenever
+# another process takes a core, and repeats then differ by up to 10x.
 PRESETS = {
-    "ci": Preset("cpu", "float32", "tiny", (512, 2048), (128,), (2, 4, 8), warmup=1, repeats=3),
-    "h100": Preset("cuda", "bfloat16", "1.5b", (2048, 8192), (512,), (4, 8, 16), warmup=2, repeats=10),
+    "ci": Preset("cpu", "float32", "tiny", (512, 2048), (128,), (2, 4, 8), warmup=1, repeats=3, threads=1),
+    "h100": Preset("cuda", "bfloat16", "1.5b", (2048, 8192), (512,), (4, 8, 16), warmup=2, repeats=10, threads=0),
 }
 
 
@@ -87,7 +90,7 @@ Variant = Callable[[Batch], Tensor]
 
 
 def build_variants(shape: ModelShape, dtype: torch.dtype, device: torch.device, names: tuple[str, ...]):
-    """name -> (model, fn(batch) -> log-probs [N, S]); both models hold the same weights."""
+    """name -> (model, fn(batch) -> log-probs [N, S]); every model is built from the same seed, so same weights."""
     import pg_deepspeed
     from pg_deepspeed.logprobs import completion_logprobs
 
@@ -141,7 +144,7 @@ def _peer(model, head, kwargs) -> Variant:
 
 
 def _head_logprobs(model: torch.nn.Module):
-    """Ours's LM-head maths (chunked, checkpointed, float32) on the peer's completion rows."""
+    """Ours's LM-head maths (chunked, checkpointed, float32) for another variant's completion rows."""
     from pg_deepspeed.logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_head_logprobs
 
     head, transform = model.get_output_embeddings(), LogitTransform()
@@ -197,8 +200,8 @@ def check_agreement(variants: dict, batch: Batch) -> dict[str, float]:
 
 
 def time_interleaved(run: Callable[[str, Batch], None], names, batch: Batch, models, device, warmup: int,
-                     repeats: int) -> dict[str, float]:
-    """Median milliseconds per variant; each repeat runs every variant once, in a rotating order."""
+                     repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of every timed repeat per variant; each repeat runs every variant once, in a rotating order."""
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(warmup + repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]
@@ -211,7 +214,7 @@ def time_interleaved(run: Callable[[str, Batch], None], names, batch: Batch, mod
             _sync(device)
             if rep >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -236,6 +239,7 @@ def peak_memory_cpu(args: argparse.Namespace, names: tuple[str, ...], P: int, S:
     for name in names:
         cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--probe-memory", name, "--device", args.device,
                "--dtype", args.dtype, "--shape", args.shape, "--prompts", str(args.prompts),
+               "--threads", str(args.threads),
                "-P", str(P), "-S", str(S), "-G", str(G)] + (["--step"] if args.step else [])
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                        cwd=Path(__file__).resolve().parent.parent)
@@ -266,7 +270,8 @@ def run_grid(args: argparse.Namespace) -> list[report.Row]:
                       + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()), flush=True)
                 if dtype == torch.float32 and any(d > FP32_TOLERANCE for d in diffs.values()):
                     raise RuntimeError(f"log-probs disagree beyond {FP32_TOLERANCE} in float32: {diffs}")
-                ms = time_interleaved(run, names, batch, models, device, args.warmup, args.repeats)
+                times = time_interleaved(run, names, batch, models, device, args.warmup, args.repeats)
+                ms = {n: statistics.median(t) for n, t in times.items()}
                 if device.type == "cuda":
                     peak = {n: memory.cuda_peak_mib(lambda n=n: run(n, batch), device) for n in names}
                 else:
@@ -275,7 +280,7 @@ def run_grid(args: argparse.Namespace) -> list[report.Row]:
                 speedup = lambda ref, n: ms[ref] / ms[n] if ref in ms else float("nan")
                 for n in names:
                     rows.append(report.Row(
-                        P, S, G, n, ms[n], peak[n], speedup("baseline", n), speedup("hf_sdpa", n),
+                        P, S, G, n, ms[n], min(times[n]), peak[n], speedup("baseline", n), speedup("hf_sdpa", n),
                         speedup("peer", n), limit, 100.0 * speedup("baseline", n) / limit,
                     ))
                 print(report.format_table(rows[-len(names):]), flush=True)
@@ -323,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=1, help="prompts (groups) per micro-batch")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--step", action="store_true", help="time the whole GRPO update step")
     p.add_argument("--max-prompt", action="store_true",
@@ -343,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("prompts", "repeats"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -362,7 +370,8 @@ def header(args: argparse.Namespace) -> str:
         f"# {what}",
         f"device: {where}; dtype {args.dtype}; shape {args.shape} {get_shape(args.shape)}",
         f"torch {torch.__version__}; prompts per micro-batch {args.prompts}; "
-        f"warm-up {args.warmup}, median of {args.repeats}; load average {os.getloadavg()}",
+        f"warm-up {args.warmup}, median of {args.repeats}; load average "
+        + "/".join(f"{x:.2f}" for x in os.getloadavg()),
         f"peak memory: {memory.method(device)}",
         f"command: python -m benchmarks.bench_logprobs {' '.join(sys.argv[1:])}",
     ])
@@ -370,6 +379,8 @@ def header(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe_memory:
         print(json.dumps({"peak_mib": probe_memory(args)}))
         return

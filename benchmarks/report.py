@@ -9,13 +9,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Row:
-    """One variant at one grid point. A speedup is the other variant's time over this one's."""
+    """One variant at one grid point: median and best time, and speedups of medians (other / this)."""
 
     prompt_len: int
     completion_len: int
     group_size: int
     variant: str
     time_ms: float
+    best_ms: float
     peak_mib: float
     speedup_vs_baseline: float
     speedup_vs_hf: float
@@ -25,7 +26,7 @@ class Row:
 
 
 COLUMNS = [f.name for f in fields(Row)]
-_HEADER = ("P", "S", "G", "variant", "time ms", "peak MiB", "x baseline", "x hf_sdpa", "x peer", "FLOP limit", "% of limit")
+_HEADER = ("P", "S", "G", "variant", "median ms", "best ms", "peak MiB", "x baseline", "x hf_sdpa", "x peer", "FLOP limit", "% of limit")
 
 
 def _cell(x) -> str:

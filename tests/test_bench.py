@@ -105,8 +105,8 @@ def test_peer_logprobs_match_the_standard_forward(seed, padding_side):
 
 
 def test_csv_round_trips_and_table_has_one_line_per_row(tmp_path):
-    rows = [Row(64, 16, 2, "ours", 1.5, 10.0, 1.4, 1.2, 1.1, 1.6, 87.5),
-            Row(64, 16, 2, "peer", 2.0, 20.0, 1.05, 0.9, 1.0, 1.6, 65.6)]
+    rows = [Row(64, 16, 2, "ours", 1.5, 1.4, 10.0, 1.4, 1.2, 1.1, 1.6, 87.5),
+            Row(64, 16, 2, "peer", 2.0, 1.9, 20.0, 1.05, 0.9, 1.0, 1.6, 65.6)]
     write_csv(rows, tmp_path / "x.csv")
     assert read_csv(tmp_path / "x.csv") == rows
     assert len(format_table(rows).splitlines()) == 2 + len(rows)

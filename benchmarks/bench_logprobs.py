@@ -230,6 +230,13 @@ def probe_memory(args: argparse.Namespace) -> float:
     return memory.cpu_peak_mib(lambda: run(args.probe_memory, batch))
 
 
+def _cuda_peak(run: Callable[[str, Batch], None], name: str, batch: Batch, models, device) -> float:
+    """CUDA peak of one pass with no gradients held before it, as in the CPU probes."""
+    for m in models:
+        m.zero_grad(set_to_none=True)
+    return memory.cuda_peak_mib(lambda: run(name, batch), device)
+
+
 def peak_memory_cpu(args: argparse.Namespace, names: tuple[str, ...], P: int, S: int, G: int) -> dict[str, float]:
     """`probe_memory` per variant, each in a fresh interpreter so no earlier pass hides its peak.
 
@@ -273,7 +280,7 @@ def run_grid(args: argparse.Namespace) -> list[report.Row]:
                 times = time_interleaved(run, names, batch, models, device, args.warmup, args.repeats)
                 ms = {n: statistics.median(t) for n, t in times.items()}
                 if device.type == "cuda":
-                    peak = {n: memory.cuda_peak_mib(lambda n=n: run(n, batch), device) for n in names}
+                    peak = {n: _cuda_peak(run, n, batch, models, device) for n in names}
                 else:
                     peak = peak_memory_cpu(args, names, P, S, G)
                 limit = flop_limit(shape, P, S, G)  # B equal groups scale both sides alike

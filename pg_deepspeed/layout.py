@@ -34,6 +34,7 @@ class PrefixGroupLayout:
     | cu_seqlens       | [B+N+1] | int32 offsets of the causal segments (each prefix, each suffix)|
     | cu_prefix        | [B+1]   | int32 offsets of each group's keys within prefix_index         |
     | cu_suffix        | [B+1]   | int32 offsets of each group's queries within suffix_index      |
+    | cu_groups        | [B+1]   | int32 offsets of each whole group in the packed order          |
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
     """
@@ -48,12 +49,15 @@ class PrefixGroupLayout:
     cu_seqlens: Tensor
     cu_prefix: Tensor
     cu_suffix: Tensor
+    cu_groups: Tensor
     suffix_row: Tensor
     suffix_col: Tensor
     prompt_start: Tensor
     max_seqlen: int
     max_prefix: int
     max_suffix_block: int
+    max_group: int
+    single_member: bool
     completion_width: int
     num_tokens: int
 
@@ -225,12 +229,15 @@ class PrefixGroupLayout:
             cu_seqlens=seg_offset.to(torch.int32),
             cu_prefix=i32(P),
             cu_suffix=i32(per_group_suffix),
+            cu_groups=i32(P + per_group_suffix),
             suffix_row=suffix_row,
             suffix_col=suffix_col,
             prompt_start=torch.tensor(start, **i64),
             max_seqlen=max(prefix + suffix),
             max_prefix=max(prefix),
             max_suffix_block=int(per_group_suffix.max()),
+            max_group=int((P + per_group_suffix).max()),
+            single_member=all(g == 1 for g in sizes),
             completion_width=int(width),
             num_tokens=T,
         )

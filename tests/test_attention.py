@@ -59,6 +59,14 @@ def test_float32_matches_reference_within_1e_5(layout, heads, d, seed):
         assert rel_err(a.double(), b) <= 1e-5, name
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_single_member_groups_take_one_causal_pass_and_match_reference(dtype, tol):
+    """The standard forward (every group of size 1) runs one causal pass per [prefix ; suffix]."""
+    ours, ref = run_both([70, 3, 150], [[20], [1], [64]], 4, 2, 32, dtype)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a.double(), b) <= tol, name
+
+
 def test_prefix_rows_equal_for_every_member_count():
     """The prefix outputs do not depend on how many members share it."""
     torch.manual_seed(1)
@@ -130,14 +138,15 @@ def torch_flash_double(monkeypatch):
 
 @pytest.mark.parametrize("backend_fixture", ["flash_double", "torch_flash_double"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
-def test_gpu_backend_calls_match_reference_through_contract_double(backend_fixture, heads, request):
+@pytest.mark.parametrize("suffix", [[[5, 1, 17], [9], [40, 3]], [[5], [9], [40]]], ids=["grouped", "single"])
+def test_gpu_backend_calls_match_reference_through_contract_double(backend_fixture, heads, suffix, request):
     """Our calls into the flash kernels (cu_seqlens, lse layout, merged out/lse in backward) are exact.
 
     The contract's lse is float32, so float64 inputs agree to float32 precision of the merge weights.
     """
     module = request.getfixturevalue(backend_fixture)
     attention = lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout, module, q.shape[-1] ** -0.5)
-    ours, ref = run_both([33, 8, 120], [[5, 1, 17], [9], [40, 3]], *heads, 64, torch.float64, attention=attention)
+    ours, ref = run_both([33, 8, 120], suffix, *heads, 64, torch.float64, attention=attention)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         assert rel_err(a, b) <= 1e-6, name
 

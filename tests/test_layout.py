@@ -14,6 +14,7 @@ def test_position_ids_hand_made_case():
     assert layout.prefix_index.tolist() == [0, 1, 2, 6, 7]
     assert layout.suffix_index.tolist() == [3, 4, 5, 8, 9, 10]
     assert layout.cu_prefix.tolist() == [0, 3, 5] and layout.cu_suffix.tolist() == [0, 3, 6]
+    assert layout.cu_groups.tolist() == [0, 6, 11] and not layout.single_member
     assert layout.prefix_tokens_saved == 3
 
 

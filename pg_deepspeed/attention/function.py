@@ -17,6 +17,8 @@ class PrefixGroupedAttention(torch.autograd.Function):
       causal pass: every segment (prefix, each suffix) causally over itself   -> (O_c, L_c)
       cross pass:  each group's suffix queries over that group's prefix keys  -> (O_x, L_x)
     Forward merges on suffix rows: L = logaddexp(L_c, L_x), O = e^(L_c-L) O_c + e^(L_x-L) O_x.
+    When every group has one member (the standard forward, `prefix_grouping=False`) each group is a
+    single causal sequence and one causal pass over whole groups is the whole attention.
     Backward: a flash backward recomputes P = exp(q kᵀ s - L) and uses D = rowsum(dO ∘ O); given
     the merged (O, L) both are the true ones restricted to the pass's keys, so
     dq = dq_c + dq_x, and dk, dv are the causal parts plus the cross parts scattered onto the prefix.
@@ -25,6 +27,11 @@ class PrefixGroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout: PrefixGroupLayout, backend: ModuleType, scale: float):
         L = layout
+        ctx.layout, ctx.backend, ctx.scale = layout, backend, scale
+        if L.single_member:  # every group is one plain causal sequence [prefix ; suffix]
+            out, lse = backend.forward(q, k, v, L.cu_groups, L.cu_groups, L.max_group, L.max_group, True, scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
         out, lse = backend.forward(q, k, v, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale)
         si, pi = L.suffix_index, L.prefix_index
         out_x, lse_x = backend.forward(
@@ -34,13 +41,16 @@ class PrefixGroupedAttention(torch.autograd.Function):
         out = out.index_copy(0, si, out_s)
         lse = lse.index_copy(1, si, lse_s)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.backend, ctx.scale = layout, backend, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         L, backend, scale = ctx.layout, ctx.backend, ctx.scale
+        if L.single_member:
+            grads = backend.backward(dout, q, k, v, out, lse, L.cu_groups, L.cu_groups, L.max_group, L.max_group,
+                                     True, scale)
+            return *grads, None, None, None
         si, pi = L.suffix_index, L.prefix_index
         dq, dk, dv = backend.backward(
             dout, q, k, v, out, lse, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale

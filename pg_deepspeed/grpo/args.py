@@ -66,7 +66,7 @@ class GRPOArguments:
 class TrainArguments:
     ds_config: str = field(metadata={"help": "DeepSpeed JSON config (required), e.g. ds_configs/zero3_cpu.json."})
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Metrics, checkpoints, export and plots."})
-    max_steps: int = field(default=80, metadata={"help": "Rollout steps to train."})
+    max_steps: int = field(default=120, metadata={"help": "Rollout steps to train."})
     prompts_per_device: int = field(default=4, metadata={"help": "Prompts (groups) per micro-batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})

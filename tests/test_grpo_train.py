@@ -18,7 +18,8 @@ def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
     out = tmp_path / "run"
     result = run_deepspeed(
         "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--output_dir", str(out),
-        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", *TINY,
+        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", "--sft_warmup_steps", "2",
+        *TINY,
     )
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -118,33 +118,23 @@ def test_cpu_matmul_path_matches_fused_kernel():
 
 
 # ---------------------------------------------------------------- GPU backends through contract doubles
-@pytest.fixture
-def flash_double(monkeypatch):
-    monkeypatch.setattr(
-        flash, "_kernels",
-        SimpleNamespace(forward=doubles.flash_attn_varlen_forward, backward=doubles.flash_attn_varlen_backward),
-    )
-    return flash
+# (backend module, its attribute holding the kernels, the contract doubles of those kernels)
+KERNEL_DOUBLES = {
+    "flash_attn": (flash, "_kernels", doubles.flash_attn_varlen_forward, doubles.flash_attn_varlen_backward),
+    "torch": (torch_cuda, "kernels", doubles.aten_flash_attention_forward, doubles.aten_flash_attention_backward),
+}
 
 
-@pytest.fixture
-def torch_flash_double(monkeypatch):
-    monkeypatch.setattr(
-        torch_cuda, "kernels",
-        SimpleNamespace(forward=doubles.aten_flash_attention_forward, backward=doubles.aten_flash_attention_backward),
-    )
-    return torch_cuda
-
-
-@pytest.mark.parametrize("backend_fixture", ["flash_double", "torch_flash_double"])
+@pytest.mark.parametrize("backend", sorted(KERNEL_DOUBLES))
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("suffix", [[[5, 1, 17], [9], [40, 3]], [[5], [9], [40]]], ids=["grouped", "single"])
-def test_gpu_backend_calls_match_reference_through_contract_double(backend_fixture, heads, suffix, request):
+def test_gpu_backend_calls_match_reference_through_contract_double(backend, heads, suffix, monkeypatch):
     """Our calls into the flash kernels (cu_seqlens, lse layout, merged out/lse in backward) are exact.
 
     The contract's lse is float32, so float64 inputs agree to float32 precision of the merge weights.
     """
-    module = request.getfixturevalue(backend_fixture)
+    module, attribute, forward, backward = KERNEL_DOUBLES[backend]
+    monkeypatch.setattr(module, attribute, SimpleNamespace(forward=forward, backward=backward))
     attention = lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout, module, q.shape[-1] ** -0.5)
     ours, ref = run_both([33, 8, 120], suffix, *heads, 64, torch.float64, attention=attention)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from ..attention import BACKENDS
 from ..ds_config import load_ds_config
 from ..engine import build_model, export_hf, init_policy, init_reference, load_checkpoint, load_tokenizer, save_checkpoint
 from ..logprobs import completion_logprobs
+from ..patch import patch_model
 from ..presets import is_preset, preset_config
 from .advantages import ESTIMATORS, group_advantages
 from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
@@ -57,6 +59,8 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
     """Refuse contradictory or impossible settings before any heavy work."""
     if not os.path.isfile(train.ds_config):
         raise FileNotFoundError(f"--ds_config {train.ds_config!r} does not exist")
+    if model.attention_backend not in ("auto", *BACKENDS):
+        raise ValueError(f"--attention_backend must be one of {['auto', *BACKENDS]}, got {model.attention_backend!r}")
     if model.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {model.dtype!r}")
     if grpo.advantage not in ESTIMATORS:
@@ -91,7 +95,7 @@ def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens
         )
 
 
-def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments, backend: str) -> torch.Tensor:
+def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
     """[N, Lc] log-probs of the batch's completions, prefix-grouped unless --no_prefix_grouping."""
     return completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
@@ -99,9 +103,9 @@ def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments, backend: str) ->
     )
 
 
-def policy_loss(model, batch: Batch, grpo: GRPOArguments, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+def policy_loss(model, batch: Batch, grpo: GRPOArguments) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of one micro-batch (differentiable w.r.t. the policy's parameters)."""
-    logps = sequence_logprobs(model, batch, grpo, backend)
+    logps = sequence_logprobs(model, batch, grpo)
     old = batch.old_logps if batch.old_logps is not None else logps.detach()
     return grpo_loss(
         logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
@@ -144,9 +148,9 @@ def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, tr
     G, prompts, chunks = grpo.num_generations, train.prompts_per_device, train.gradient_accumulation_steps
     parts = [batch.micro_batch(i, prompts, G) for i in range(chunks)]
     if grpo.num_iterations > 1:
-        batch.old_logps = _padded_cat([sequence_logprobs(policy.module, p, grpo, "auto") for p in parts])
+        batch.old_logps = _padded_cat([sequence_logprobs(policy.module, p, grpo) for p in parts])
     if reference is not None:
-        batch.ref_logps = _padded_cat([sequence_logprobs(reference.module, p, grpo, "auto") for p in parts])
+        batch.ref_logps = _padded_cat([sequence_logprobs(reference.module, p, grpo) for p in parts])
 
 
 def _padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -235,6 +239,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
     policy = init_policy(build_model(model_args.model, ds_config, dtype=dtype,
                                      gradient_checkpointing=model_args.gradient_checkpointing), ds_config)
     reference = init_reference(model_args.model, ds_config, dtype=dtype) if grpo.beta > 0 else None
+    for engine in (policy, reference):
+        if engine is not None:
+            patch_model(engine, backend=model_args.attention_backend)
     state = load_checkpoint(policy, train.output_dir) if train.resume else None
     start = state["step"] if state else 0
     if rank == 0 and state:

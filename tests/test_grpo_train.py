@@ -18,12 +18,12 @@ def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
     out = tmp_path / "run"
     result = run_deepspeed(
         "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--output_dir", str(out),
-        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", "--sft_warmup_steps", "2",
-        *TINY,
+        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", *TINY,
     )
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["kl"] == 0.0  # the reference starts as the policy, and the first step's learning rate is 0
     for r in rows:
         assert KEYS <= r.keys()
         assert r["world_size"] == 2
@@ -83,7 +83,7 @@ def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
 
 
 @pytest.mark.distributed
-def test_trains_a_local_hf_model_directory_on_a_jsonl_file(tmp_path):
+def test_trains_a_local_hf_model_directory_on_a_jsonl_file_after_a_supervised_warmup(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +100,8 @@ def test_trains_a_local_hf_model_directory_on_a_jsonl_file(tmp_path):
     result = run_deepspeed(
         "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--model", str(model_dir),
         "--dataset", str(data), "--reward_fn", "numeric_match", "--output_dir", str(out), "--max_steps", "2",
-        "--num_generations", "2", "--max_new_tokens", "3", "--prompts_per_device", "2", "--no_export",
+        "--num_generations", "2", "--max_new_tokens", "3", "--prompts_per_device", "2", "--sft_warmup_steps", "2",
+        "--no_export",
     )
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

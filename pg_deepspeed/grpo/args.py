@@ -47,7 +47,9 @@ class GRPOArguments:
         default=None, metadata={"help": "Upper clip range (defaults to --epsilon; DAPO uses 0.28)."}
     )
     beta: float = field(
-        default=0.0, metadata={"help": "KL coefficient to the frozen reference (k3); the reference is built only if > 0."}
+        default=0.0,
+        metadata={"help": "KL coefficient (k3) to the frozen reference: the model as loaded, before any SFT warm-up; "
+                  "built only if > 0."},
     )
     num_iterations: int = field(default=1, metadata={"help": "Policy updates per rollout batch."})
     reward_fn: str | None = field(

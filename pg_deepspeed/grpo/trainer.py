@@ -131,8 +131,7 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
     )
     module.train(was_training)
     G = grpo.num_generations
-    texts = tokenizer.batch_decode(out.completion_ids * out.completion_mask + tokenizer.pad_token_id
-                                   * (1 - out.completion_mask), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     rewards = compute_rewards(
         reward_fn, [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)]
     )
@@ -148,14 +147,9 @@ def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, tr
     G, prompts, chunks = grpo.num_generations, train.prompts_per_device, train.gradient_accumulation_steps
     parts = [batch.micro_batch(i, prompts, G) for i in range(chunks)]
     if grpo.num_iterations > 1:
-        batch.old_logps = _padded_cat([sequence_logprobs(policy.module, p, grpo) for p in parts])
+        batch.old_logps = torch.cat([sequence_logprobs(policy.module, p, grpo) for p in parts])
     if reference is not None:
-        batch.ref_logps = _padded_cat([sequence_logprobs(reference.module, p, grpo) for p in parts])
-
-
-def _padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+        batch.ref_logps = torch.cat([sequence_logprobs(reference.module, p, grpo) for p in parts])
 
 
 def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> dict:
@@ -165,10 +159,6 @@ def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> 
     for _ in range(grpo.num_iterations):
         for i in range(train.gradient_accumulation_steps):
             part = batch.micro_batch(i, train.prompts_per_device, grpo.num_generations)
-            if part.old_logps is not None:
-                part.old_logps = part.old_logps[:, : part.completion_ids.shape[1]]
-            if part.ref_logps is not None:
-                part.ref_logps = part.ref_logps[:, : part.completion_ids.shape[1]]
             loss, stats = policy_loss(policy.module, part, grpo)
             policy.backward(loss)
             policy.step()
@@ -238,7 +228,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
     dtype = DTYPES[model_args.dtype]
     policy = init_policy(build_model(model_args.model, ds_config, dtype=dtype,
                                      gradient_checkpointing=model_args.gradient_checkpointing), ds_config)
-    reference = init_reference(model_args.model, ds_config, dtype=dtype) if grpo.beta > 0 else None
+    reference = None
+    if grpo.beta > 0:
+        deepspeed.runtime.utils.set_random_seed(train.seed)  # a preset's reference gets the policy's initial weights
+        reference = init_reference(model_args.model, ds_config, dtype=dtype)
     for engine in (policy, reference):
         if engine is not None:
             patch_model(engine, backend=model_args.attention_backend)

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import random
-from contextlib import nullcontext
 
 import deepspeed
 import numpy as np
@@ -26,7 +25,9 @@ import torch._dynamo  # noqa: F401  (imported before zero.Init, which patches Te
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
 
@@ -49,6 +50,12 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return build_char_tokenizer() if is_preset(model) else AutoTokenizer.from_pretrained(model)
 
 
+def load_config(model: str) -> PretrainedConfig:
+    """The model's config: a preset's, else the one saved in the model directory."""
+    _check_model_name(model)
+    return preset_config(model) if is_preset(model) else AutoConfig.from_pretrained(model)
+
+
 def build_model(
     model: str, ds_config: dict, *, dtype: torch.dtype, gradient_checkpointing: bool = False
 ) -> PreTrainedModel:
@@ -60,7 +67,7 @@ def build_model(
     _check_model_name(model)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    config = preset_config(model) if is_preset(model) else AutoConfig.from_pretrained(model)
+    config = load_config(model)
     config.use_cache = False
     if zero_stage(ds_config) == 3:
         if _precision(ds_config) != dtype:

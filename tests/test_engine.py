@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_deepspeed
 from pg_deepspeed.engine import build_model, latest_checkpoint, load_tokenizer
-from pg_deepspeed.presets import PRESETS, is_preset, preset_config
+from pg_deepspeed.presets import is_preset, preset_config
 from pg_deepspeed.tokenizer import build_char_tokenizer
 
 SCRIPT = "tests/dist/zero3_train.py"

@@ -150,11 +150,15 @@ def batch_indices(step: int, rank: int, world_size: int, per_rank: int) -> range
     return range(start, start + per_rank)
 
 
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them: BOS (when the tokenizer has one), then the text."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (prompt_ids, prompt_mask), both [B, Lp], left-padded with the tokenizer's pad id."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if tokenizer.bos_token_id is not None:
-        rows = [[tokenizer.bos_token_id, *r] for r in rows]
+    rows = [prompt_tokens(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -167,6 +171,6 @@ def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device) -> tup
 def longest_prompt(tokenizer, source: PromptSource, sample: int = 64) -> tuple[int, int]:
     """(length in tokens, index) of the longest prompt: every row of a file, or `sample` synthetic ones."""
     n = len(source) if isinstance(source, FileDataset) else sample
-    lengths = [len(tokenize_prompts(tokenizer, [source.example(i).prompt], torch.device("cpu"))[0][0]) for i in range(n)]
+    lengths = [len(prompt_tokens(tokenizer, source.example(i).prompt)) for i in range(n)]
     i = int(np.argmax(lengths))
     return lengths[i], i

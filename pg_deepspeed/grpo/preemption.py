@@ -18,8 +18,9 @@ import signal
 import subprocess
 from types import FrameType
 
-import torch
 import torch.distributed as dist
+
+from .collective import any_rank
 
 _NODE_RANK_VARIABLES = ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID")
 
@@ -50,11 +51,7 @@ class PreemptionGuard:
         Under torch.distributed the local flag is all-reduced with MAX, so all ranks agree even though
         Slurm delivers the signal to each process at a slightly different time.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return self._requested
-        flag = torch.tensor([int(self._requested)], dtype=torch.int32, device=_collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._requested = bool(flag.item())
+        self._requested = any_rank(self._requested)
         return self._requested
 
     def requeue(self) -> None:
@@ -93,9 +90,3 @@ def node_rank() -> int:
         return rank
     return 0
 
-
-def _collective_device() -> torch.device:
-    """The device that the process group's backend reduces on: the current GPU for NCCL, else CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from .collective import any_rank
 
 
 @dataclass
@@ -35,13 +36,6 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float, generator: t
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-
-def _all_done(done: Tensor) -> bool:
-    flag = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
 
 
 @torch.no_grad()
@@ -78,7 +72,7 @@ def generate(
         tokens[:, t] = tok
         length += (~done).long()
         done |= tok == eos_id
-        if t == max_new_tokens - 1 or _all_done(done):
+        if t == max_new_tokens - 1 or not any_rank(not bool(done.all())):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(tok)[:, None]], 1)
         out = model(

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
 from ..attention import BACKENDS
 from ..ds_config import load_ds_config
-from ..engine import build_model, export_hf, init_policy, init_reference, load_checkpoint, load_tokenizer, save_checkpoint
+from ..engine import (
+    build_model, export_hf, init_policy, init_reference, load_checkpoint, load_config, load_tokenizer, save_checkpoint,
+)
 from ..logprobs import completion_logprobs
 from ..patch import patch_model
-from ..presets import is_preset, preset_config
 from .advantages import ESTIMATORS, group_advantages
 from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
+from .collective import all_gather_cat, all_mean
 from .data import PromptSource, batch_indices, build_source, longest_prompt, tokenize_prompts
 from .loss import AGGREGATIONS, grpo_loss
 from .metrics import MetricsLogger
@@ -79,10 +80,6 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise ValueError(f"--temperature must be > 0, got {grpo.temperature}")
     if grpo.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {grpo.beta}")
-
-
-def model_config(name: str):
-    return preset_config(name) if is_preset(name) else AutoConfig.from_pretrained(name)
 
 
 def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> None:
@@ -189,23 +186,11 @@ def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, r
             policy.step()
 
 
-def all_mean(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def gather_rewards(rewards: torch.Tensor) -> torch.Tensor:
-    out = [torch.empty_like(rewards) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, rewards)
-    return torch.cat(out)
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
     # ---------------------------------------------------------------- set-up: cheap checks first
     check_args(model_args, data_args, grpo, train)
     tokenizer = load_tokenizer(model_args.model)
-    config = model_config(model_args.model)
+    config = load_config(model_args.model)
     source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed)
     check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
     reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
@@ -257,14 +242,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
         stats = update(policy, batch, grpo, train)
         step += 1
 
-        all_rewards = gather_rewards(batch.rewards)
+        all_rewards = all_gather_cat(batch.rewards)
         G = grpo.num_generations
         saved = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
         loss, kl, clip_frac, saved, tokens, completion_len, elapsed, t_rollout = all_mean(
             [stats["loss"], stats["kl"], stats["clip_frac"], saved, tokens,
-             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout], device)
+             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout])
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,

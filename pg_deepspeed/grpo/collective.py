@@ -1,0 +1,43 @@
+"""Small collectives over all ranks; each is the identity when torch.distributed is not initialised."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """The device that the process group's backend reduces on: the current GPU for NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (all-reduce MAX). Collective: every rank must call it."""
+    if not _distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """The mean over ranks of each value."""
+    if not _distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on every rank (same n) -> [world * n, ...], rank order."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)

@@ -22,10 +22,14 @@ one is accepted and every packed call checks that no prompt + completion exceeds
 
 The original implementation's name and the chosen backend live on every submodule as
 `_prefix_grouper` (so deep copies stay patched) and never in the config (so saving is unchanged).
+A patched model gets its own copy of its config tree first: transformers' `from_config` hands one config
+object to every model built from it, and switching the implementation writes into that object, so
+without the copy a reference or baseline built from the same config would switch too.
 """
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 import sys
 import weakref
@@ -136,6 +140,18 @@ def _state_of(module: nn.Module) -> PatchState:
     return state
 
 
+def _original_of_unpatched(module: nn.Module) -> str:
+    """The original implementation of a module that was not patched but whose config names ours.
+
+    That happens to a model built from a patched model's config (a reference, a baseline): it keeps
+    its original attention, recorded with the config when the other model was patched.
+    """
+    config = getattr(module, "config", None)
+    if config is None:
+        _state_of(module)  # raises "was not patched"
+    return _state_of_config(config).original
+
+
 def prefix_grouper_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -149,9 +165,11 @@ def prefix_grouper_attention_forward(
 
     Without `prefix_layout` it is exactly the model's original implementation.
     """
-    state = _state_of(module)
     if prefix_layout is None:
-        return _original_attention(module, state.original)(module, query, key, value, attention_mask, **kwargs)
+        state = getattr(module, "_prefix_grouper", None)
+        original = state.original if state is not None else _original_of_unpatched(module)
+        return _original_attention(module, original)(module, query, key, value, attention_mask, **kwargs)
+    state = _state_of(module)
     if query.shape[0] != 1:
         raise ValueError(f"a prefix_layout forward takes one packed row, got a batch of {query.shape[0]}")
     if kwargs.get("dropout", 0.0):
@@ -241,6 +259,28 @@ def _leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         _CURRENT.reset(module._prefix_grouper_tokens.pop())
 
 
+def _give_private_config(model: PreTrainedModel) -> None:
+    """Point `model` and every submodule at a deep copy of the config tree they share with other models.
+
+    Modules hold the config object (or one of its sub-configs, e.g. `text_config`) as `.config`; each
+    reference into the old tree is moved to the matching object of the copy.
+    """
+    old = model.config
+    new = copy.deepcopy(old)
+    twins, pending = {id(old): new}, [(old, new)]
+    while pending:
+        a, b = pending.pop()
+        for key in getattr(a, "sub_configs", {}) or {}:
+            sub_a, sub_b = getattr(a, key, None), getattr(b, key, None)
+            if sub_a is not None and sub_b is not None and id(sub_a) not in twins:
+                twins[id(sub_a)] = sub_b
+                pending.append((sub_a, sub_b))
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in twins:
+            module.config = twins[id(config)]
+
+
 # ---------------------------------------------------------------------------------------------- public
 def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | None = None) -> nn.Module:
     """Make `model` (a transformers causal LM, or a DeepSpeed engine around one) prefix-group on request.
@@ -262,8 +302,14 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
     if reasons:
         raise ValueError(f"cannot prefix-group {type(hf).__name__}: " + "; ".join(reasons))
 
+    patched = getattr(hf, "_prefix_grouper", None)
     current = hf.config._attn_implementation
-    original = hf._prefix_grouper.original if current == ATTN_NAME else current
+    if current != ATTN_NAME:
+        original = current
+    else:  # patched before, or built from a patched model's config
+        original = patched.original if patched is not None else _state_of_config(hf.config).original
+    if patched is None:
+        _give_private_config(hf)
     windows = _windows(text)
     state = PatchState(original=original, backend=backend, window=min(windows.values()) if windows else None)
 

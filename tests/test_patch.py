@@ -246,3 +246,31 @@ def test_repatching_after_switching_implementation_falls_back_to_the_new_one():
     patch_model(model)
     assert model.config._attn_implementation == "prefix_grouper"
     assert model._prefix_grouper.original == "eager"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_patching_one_model_leaves_a_model_built_from_the_same_config_unchanged(family):
+    """transformers' from_config shares one config object between models; the patch must not reach the other."""
+    shared = tiny_causal_lm(family).config
+    model, other = (tf.AutoModelForCausalLM.from_config(shared).eval() for _ in range(2))
+    assert other.config is shared
+    ids, mask = _left_padded_batch()
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    logits, sequences = _logits(other, ids, mask), other.generate(**greedy)
+    patch_model(model)
+    assert shared._attn_implementation == "sdpa" and other.config._attn_implementation == "sdpa"
+    assert torch.equal(_logits(other, ids, mask), logits)
+    assert torch.equal(other.generate(**greedy), sequences)
+
+
+def test_a_model_built_from_a_patched_config_keeps_its_original_attention_and_refuses_layouts():
+    model = patch_model(tiny_causal_lm("llama"))
+    sibling = tf.AutoModelForCausalLM.from_config(model.config).eval()
+    sibling.load_state_dict(model.state_dict())
+    ids, mask = _left_padded_batch()
+    assert torch.equal(_logits(sibling, ids, mask), _logits(model, ids, mask))
+    layout, packed, *_ = _random_layout(0)
+    with pytest.raises(RuntimeError, match="was not patched"):
+        sibling(input_ids=packed[None], prefix_layout=layout)
+    patch_model(sibling)
+    assert sibling._prefix_grouper.original == "sdpa"

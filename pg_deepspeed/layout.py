@@ -125,6 +125,11 @@ class PrefixGroupLayout:
         prompt_mask: [B, Lp], left- or right-padded, one row per group.
         completion_mask: [N, Lc], right-padded, the rows of one group consecutive.
         group_size: G for every group, or a list of B sizes.
+
+        A completion row whose mask is all zero spans the whole width Lc: its tokens exist but the
+        loss ignores them (TRL's `mask_truncated_completions` zeroes the mask of completions cut at
+        the length limit, which fill the width). The layout says what attention sees; the mask stays
+        the caller's loss mask.
         """
         if prompt_mask.dim() != 2:
             raise ValueError(f"prompt_mask must be [B, Lp], got shape {tuple(prompt_mask.shape)}")
@@ -165,11 +170,11 @@ class PrefixGroupLayout:
                 raise ValueError(
                     f"completion_mask row {n} has holes or is not right-padded: valid tokens must come first"
                 )
-            if s == 0:
-                raise ValueError(f"completion_mask row {n} is empty; completions need >= 1 token")
-        return cls._build(
-            [s[0] for s in stats], sizes, [s[0] for s in c_stats], [s[1] for s in stats], cm.shape[1], pm.device
-        )
+        width = cm.shape[1]
+        if width == 0:
+            raise ValueError("completion_mask has no columns; completions need >= 1 token")
+        suffix = [s or width for s, _ in c_stats]  # an all-zero row: the whole width, ignored by the loss
+        return cls._build([s[0] for s in stats], sizes, suffix, [s[1] for s in stats], width, pm.device)
 
     @classmethod
     def _build(

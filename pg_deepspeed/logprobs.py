@@ -163,7 +163,9 @@ def completion_logprobs(
 
     model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one.
     prompt_ids, prompt_mask: [B, Lp], left- or right-padded, one row per group.
-    completion_ids, completion_mask: [N, Lc], right-padded, the G_g rows of group g consecutive.
+    completion_ids, completion_mask: [N, Lc], right-padded, the G_g rows of group g consecutive. A row
+        whose mask is all zero (TRL's `mask_truncated_completions`) is computed over the whole width and
+        returned as 0: the attention layout and the loss mask are different things.
     group_size: G for every group, or a list of B sizes.
     temperature: logits are scaled (config logit scale), soft-capped (`final_logit_softcapping`)
         and divided by it, as TRL does.
@@ -200,7 +202,9 @@ def completion_logprobs(
     logps, entropies = chunked_head_logprobs(
         lm_head, hidden[predictor_rows(layout)], ids[layout.suffix_index], transform, chunk_size, return_entropy
     )
-    logps = _completion_rows(layout, logps)
+    # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
+    keep = completion_mask.bool()
+    logps = _completion_rows(layout, logps).where(keep, 0.0)
     if not return_entropy:
         return logps
-    return logps, _completion_rows(layout, entropies)
+    return logps, _completion_rows(layout, entropies).where(keep, 0.0)

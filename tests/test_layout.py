@@ -73,13 +73,13 @@ def test_unpack_is_differentiable():
         ([[1, 0, 1]], [[1], [1]], 2, r"prompt_mask row 0 \(group 0\) has holes"),
         ([[1, 1]], [[1, 0, 1], [1, 0, 0]], 2, r"completion_mask row 0 has holes"),
         ([[1, 1]], [[0, 1], [1, 0]], 2, r"completion_mask row 0 has holes or is not right-padded"),
-        ([[1, 1]], [[1, 0], [0, 0]], 2, r"completion_mask row 1 is empty"),
+        ([[1, 1]], torch.ones(2, 0), 2, r"completion_mask has no columns"),
         ([[1, 1]], [[1], [1]], 0, r"group_size must be >= 1"),
     ],
 )
 def test_from_masks_refuses_malformed_masks(prompt_mask, completion_mask, group_size, message):
     with pytest.raises(ValueError, match=message):
-        PrefixGroupLayout.from_masks(torch.tensor(prompt_mask), torch.tensor(completion_mask), group_size)
+        PrefixGroupLayout.from_masks(torch.tensor(prompt_mask), torch.as_tensor(completion_mask), group_size)
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,14 @@ def test_pack_refuses_wrong_row_counts():
         layout.pack(torch.zeros(1, 2), torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"prompt_ids has 2 rows but the layout has 1 groups"):
         layout.pack(torch.zeros(2, 2), torch.zeros(2, 1))
+
+
+def test_an_all_zero_completion_row_spans_the_width_and_is_computed():
+    """TRL's mask_truncated_completions: the tokens exist, the loss mask is zero; the layout still packs them."""
+    completion_mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    layout = PrefixGroupLayout.from_masks(torch.tensor([[0, 1, 1]]), completion_mask, 3)
+    assert layout.suffix_lens.tolist() == [2, 4, 4]
+    assert layout.num_tokens == 2 + 2 + 4 + 4
+    completion_ids = torch.arange(12).view(3, 4)
+    packed = layout.pack(torch.tensor([[99, 7, 8]]), completion_ids)
+    assert packed.tolist() == [7, 8, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11]

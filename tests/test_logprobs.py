@@ -147,3 +147,52 @@ def test_bad_options_raise(option, value):
     model, _ = _pair("llama")
     with pytest.raises(ValueError, match=option):
         completion_logprobs(model, *random_grpo_batch(1, "left"), **{option: value})
+
+
+def _truncate(completion_mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """TRL's mask_truncated_completions: the given rows (full-width completions) get an all-zero mask."""
+    mask = completion_mask.clone()
+    mask[rows] = 0
+    return mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_all_zero_completion_rows_are_computed_and_ignored(family):
+    model, reference = _pair(family)
+    model.train(), reference.train()
+    prompt_ids, prompt_mask, completion_ids, completion_mask, sizes = random_grpo_batch(5, "left")
+    assert sizes == [3, 4, 2]
+    truncated = [0, 3, 7, 8]  # the last group is truncated whole
+    completion_mask[truncated] = 1  # completions that filled the width ...
+    mask = _truncate(completion_mask, truncated)  # ... and were masked as truncated
+    advantages = torch.randn(len(mask), 1, generator=torch.Generator().manual_seed(0))
+    logps, entropies = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, sizes,
+                                           return_entropy=True)
+    ref_logps, ref_entropies = padded_completion_logprobs(reference, prompt_ids, prompt_mask, completion_ids, mask,
+                                                          sizes)
+    assert bool((logps[truncated] == 0).all()) and bool((entropies[truncated] == 0).all())
+    assert (logps - ref_logps).abs().max() <= 1e-5 and (entropies - ref_entropies).abs().max() <= 1e-5
+    (advantages * logps).sum().backward()
+    (advantages * ref_logps).sum().backward()
+    assert _worst_relative_grad_error(model, reference) <= 1e-4
+
+
+def test_a_trl_shaped_batch_with_truncated_rows():
+    """TRL hands `[prompt | completion]` rows (prompt left-padded, repeated G times) and the mask it attends with."""
+    model, reference = _pair("qwen2")
+    G, Lc = 3, 5
+    prompt_ids, prompt_mask, _, _, _ = random_grpo_batch(2, "left")
+    g = torch.Generator().manual_seed(1)
+    N = G * len(prompt_ids)
+    completion_ids = torch.randint(3, 128, (N, Lc), generator=g)
+    completion_mask = (torch.arange(Lc) < torch.randint(1, Lc + 1, (N, 1), generator=g)).long()
+    completion_mask[1] = 1
+    completion_mask = _truncate(completion_mask, [1])
+    input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1)
+    with torch.no_grad():  # the drop-in of README's "Replacing a trainer's log-prob function"
+        logps = completion_logprobs(model, input_ids[::G, :-Lc], attention_mask[::G, :-Lc], input_ids[:, -Lc:],
+                                    attention_mask[:, -Lc:], G)
+        ref, _ = padded_completion_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
+    assert bool((logps[1] == 0).all())
+    assert (logps - ref).abs().max() <= 1e-5

@@ -114,6 +114,19 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
     return decoder
 
 
+def _begin_engine_forward(model: nn.Module) -> None:
+    """What a DeepSpeed engine's own `forward` does first, for this pass that calls the decoder and head itself.
+
+    ZeRO-3 counts micro-batches there (`optimizer.clear_backward_seen_flag()` advances `micro_step_id`, which
+    decides whether a backward's gradients overwrite or accumulate into the partitions): without it, every
+    micro-batch of a gradient-accumulation step but the last is lost (deepspeed 0.19.8; tests/dist/token_mean.py).
+    Duck-typed, so that this layer imports no DeepSpeed; a no-op for a plain model.
+    """
+    clear = getattr(getattr(model, "optimizer", None), "clear_backward_seen_flag", None)
+    if callable(clear):
+        clear()
+
+
 def _completion_rows(layout: PrefixGroupLayout, x: Tensor) -> Tensor:
     """x: [Ts] in `suffix_index` order -> [N, Lc], 0 at padded places (differentiable)."""
     out = x.new_zeros(layout.num_members, layout.completion_width)
@@ -161,7 +174,9 @@ def completion_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
 
-    model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one.
+    model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one. Pass the engine itself when training
+        under DeepSpeed, never `engine.module`: the pass then does the per-micro-batch bookkeeping that the
+        engine's own forward does (under ZeRO-3 gradient accumulation depends on it).
     prompt_ids, prompt_mask: [B, Lp], left- or right-padded, one row per group.
     completion_ids, completion_mask: [N, Lc], right-padded, the G_g rows of group g consecutive. A row
         whose mask is all zero (TRL's `mask_truncated_completions`) is computed over the whole width and
@@ -193,6 +208,7 @@ def completion_logprobs(
         sizes = [1] * len(completion_ids)
     layout = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, sizes)
     ids = layout.pack(prompt_ids, completion_ids)
+    _begin_engine_forward(model)
 
     out = _decoder(hf)(
         input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False

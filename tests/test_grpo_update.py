@@ -1,4 +1,6 @@
-"""The GRPO update and rollout on a real tiny model, in one process (no launcher)."""
+"""The GRPO update and rollout on a real tiny model, in one process, and token-mean on two launcher ranks."""
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,6 +11,7 @@ from pg_deepspeed.grpo.args import GRPOArguments
 from pg_deepspeed.grpo.rollout import generate
 from pg_deepspeed.grpo.trainer import Batch, policy_loss
 from pg_deepspeed.presets import preset_config
+from conftest import run_deepspeed
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,17 @@ def test_rollout_stops_each_row_at_eos(model):
         assert (row[:n - 1] != 5).all()
         assert row[n - 1] == 5 or n == 12
         assert (row[n:] == 0).all()
+
+
+@pytest.mark.distributed
+def test_token_mean_is_the_mean_over_every_completion_token_of_the_optimizer_step(tmp_path):
+    """Two ranks × two micro-batches of different completion lengths, one ZeRO-3 step through `update`, equal one
+    token-mean over all of them (DAPO, TRL's dapo), not a mean of per-micro-batch means.
+
+    It also proves gradient accumulation under ZeRO-3: a pass that skips the engine's forward bookkeeping
+    keeps only the last micro-batch's gradient (relative error 0.94 here before completion_logprobs did it)."""
+    run = run_deepspeed("tests/dist/token_mean.py", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-4000:]
+    result = json.loads((tmp_path / "token_mean.json").read_text())
+    assert result["step_mean_error"] <= 1e-5
+    assert result["mean_of_means_error"] >= 0.05  # the data tells the two aggregations apart

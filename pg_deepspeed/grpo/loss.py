@@ -3,7 +3,8 @@
 Per completion token t of member i, with ratio ρ = exp(logp - logp_old) and advantage A_i:
   l_t = -min(ρ·A_i, clip(ρ, 1-ε, 1+ε_high)·A_i) + β·(exp(ref - logp) - (ref - logp) - 1)
 Aggregations over the [N, Lc] mask M:
-  token-mean            Σ l·M / Σ M
+  token-mean            Σ l·M / T, T = the token count the caller names (DAPO's mean over every completion
+                        token of the optimizer step; see `update` in trainer.py), Σ M when it names none
   seq-mean-token-mean   mean_i (Σ_t l·M / Σ_t M)
   dr_grpo               Σ l·M / (N · max_completion_length)
 """
@@ -27,8 +28,12 @@ def grpo_loss(
     beta: float = 0.0,
     aggregation: str = "token-mean",
     max_completion_length: int | None = None,
+    token_count: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] -> (loss, stats)."""
+    """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] -> (loss, stats).
+
+    token_count: the divisor of token-mean (default: this batch's own Σ M).
+    """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if beta != 0.0 and ref_logps is None:
@@ -47,7 +52,7 @@ def grpo_loss(
 
     tokens = mask.sum().clamp(min=1)
     if aggregation == "token-mean":
-        loss = (per_token * mask).sum() / tokens
+        loss = (per_token * mask).sum() / (tokens if token_count is None else max(float(token_count), 1.0))
     elif aggregation == "seq-mean-token-mean":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     else:

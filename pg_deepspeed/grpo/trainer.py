@@ -100,15 +100,30 @@ def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
     )
 
 
-def policy_loss(model, batch: Batch, grpo: GRPOArguments) -> tuple[torch.Tensor, dict]:
-    """The GRPO loss of one micro-batch (differentiable w.r.t. the policy's parameters)."""
+def policy_loss(model, batch: Batch, grpo: GRPOArguments, token_count: float | None = None
+                ) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of one micro-batch (differentiable w.r.t. the policy's parameters).
+
+    token_count: token-mean's divisor (see `update`); default the micro-batch's own completion tokens.
+    """
     logps = sequence_logprobs(model, batch, grpo)
     old = batch.old_logps if batch.old_logps is not None else logps.detach()
     return grpo_loss(
         logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
         epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
-        aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens,
+        aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens, token_count=token_count,
     )
+
+
+def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
+    """token-mean's divisor for each micro-batch, so that the update is the mean over every completion token of
+    the optimizer step, all ranks and micro-batches (DAPO; TRL's `dapo`), not a mean of per-micro-batch means.
+
+    DeepSpeed averages gradients over the data-parallel ranks and divides each micro-batch's loss by
+    gradient_accumulation_steps, so a micro-batch's sum is divided by the step's tokens / (ranks × micro-batches):
+    the mean over ranks of this rank's tokens, over the micro-batches. Collective: every rank calls it.
+    """
+    return all_mean([float(batch.completion_mask.sum())])[0] / train.gradient_accumulation_steps
 
 
 def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, step: int, rank: int, world: int,
@@ -144,19 +159,20 @@ def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, tr
     G, prompts, chunks = grpo.num_generations, train.prompts_per_device, train.gradient_accumulation_steps
     parts = [batch.micro_batch(i, prompts, G) for i in range(chunks)]
     if grpo.num_iterations > 1:
-        batch.old_logps = torch.cat([sequence_logprobs(policy.module, p, grpo) for p in parts])
+        batch.old_logps = torch.cat([sequence_logprobs(policy, p, grpo) for p in parts])
     if reference is not None:
-        batch.ref_logps = torch.cat([sequence_logprobs(reference.module, p, grpo) for p in parts])
+        batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])
 
 
 def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> dict:
     """num_iterations passes over the batch's micro-batches; DeepSpeed steps at each accumulation boundary."""
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
     count = 0
+    token_count = micro_batch_token_count(batch, train)
     for _ in range(grpo.num_iterations):
         for i in range(train.gradient_accumulation_steps):
             part = batch.micro_batch(i, train.prompts_per_device, grpo.num_generations)
-            loss, stats = policy_loss(policy.module, part, grpo)
+            loss, stats = policy_loss(policy, part, grpo, token_count)
             policy.backward(loss)
             policy.step()
             totals["loss"] += loss.item()
@@ -181,7 +197,7 @@ def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, r
             mask = torch.zeros_like(ids)
             for r, a in enumerate(answers):
                 ids[r, : len(a)], mask[r, : len(a)] = torch.tensor(a, device=device), 1
-            logps = completion_logprobs(policy.module, prompt_ids, prompt_mask, ids, mask, 1)
+            logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1)
             policy.backward(-(logps * mask).sum() / mask.sum())
             policy.step()
 

@@ -45,6 +45,16 @@ from .attention import BACKENDS, prefix_grouper_attention
 from .layout import PrefixGroupLayout
 
 ATTN_NAME = "prefix_grouper"
+# Keyword arguments an attention module may hand the attention function, and what becomes of them under a layout:
+# implemented (scaling, s_aux = attention sinks), refused when they would change the result (dropout, softcap,
+# is_causal=False; sliding_window is checked against the layout by the forward pre-hook), or without effect on
+# the attention maths (positions are already in q and k; the rest steer outputs or caches). Any other argument
+# with a value is refused: dropping it could change the result silently.
+ATTENTION_KWARGS = frozenset({
+    "scaling", "s_aux", "dropout", "softcap", "is_causal", "sliding_window",
+    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+    "output_router_logits", "return_dict",
+})
 WINDOWED_LAYERS = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
 
 
@@ -178,8 +188,15 @@ def prefix_grouper_attention_forward(
         raise ValueError("attention-logit softcapping is not supported with a prefix_layout")
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
         raise ValueError(f"{type(module).__name__} is not causal; a prefix_layout needs causal attention")
+    unknown = sorted(k for k, v in kwargs.items() if k not in ATTENTION_KWARGS and v is not None)
+    if unknown:
+        raise ValueError(
+            f"{type(module).__name__} passes attention arguments {unknown} that prefix-grouped attention does not "
+            "implement; refusing rather than dropping them"
+        )
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
-    out = prefix_grouper_attention(q, k, v, prefix_layout, softmax_scale=kwargs.get("scaling"), backend=state.backend)
+    out = prefix_grouper_attention(q, k, v, prefix_layout, softmax_scale=kwargs.get("scaling"), backend=state.backend,
+                                   sinks=kwargs.get("s_aux"))
     return out.unsqueeze(0), None
 
 

@@ -7,18 +7,25 @@ import torch
 from torch import Tensor
 
 
-def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """q: [L, Hq, D], k/v: [L, Hkv, D] -> [L, Hq, D], plain softmax attention with a causal mask."""
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                           sinks: Tensor | None = None) -> Tensor:
+    """q: [L, Hq, D], k/v: [L, Hkv, D] -> [L, Hq, D], plain softmax attention with a causal mask.
+
+    sinks: [Hq] logits appended as one more softmax column per head and dropped after (gpt-oss's eager code).
+    """
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
     mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril()
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[:, None, None].expand(-1, s.shape[1], 1)], -1)
+    p = torch.softmax(s, -1)[..., : k.shape[0]]
     return torch.einsum("hqk,khd->qhd", p, v)
 
 
-def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None):
+def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None, sinks=None):
     """The standard forward: every member as its own `[prefix ; suffix]`, prefix repeated G times.
 
     q, k, v are packed `[prefix_g | suffix_g1 | ...]` group by group; returns the packed output
@@ -33,7 +40,7 @@ def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None):
             suf = slice(at, at + s)
             at += s
             o = dense_causal_attention(
-                torch.cat([q[pre], q[suf]]), torch.cat([k[pre], k[suf]]), torch.cat([v[pre], v[suf]]), scale
+                torch.cat([q[pre], q[suf]]), torch.cat([k[pre], k[suf]]), torch.cat([v[pre], v[suf]]), scale, sinks
             )
             if i == 0:
                 out[pre] = o[:p]
@@ -142,3 +149,19 @@ def random_grpo_batch(seed: int, padding_side: str, vocab_size: int = 128):
     prompt_mask = (cols >= Lp - p) if padding_side == "left" else (cols < p)
     completion_mask = torch.arange(Lc) < torch.tensor(completion_lens)[:, None]
     return prompt_ids, prompt_mask.long(), completion_ids, completion_mask.long(), sizes
+
+
+def tiny_gpt_oss(seed: int = 0):
+    """A random-init float32 gpt-oss (attention sinks `s_aux`, MoE, alternating 64-token sliding windows), eager."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        **{**TINY, "num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 16, "sliding_window": 64},
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():  # sinks big enough to matter (the init draws them near 0)
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model

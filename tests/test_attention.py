@@ -59,6 +59,35 @@ def test_float32_matches_reference_within_1e_5(layout, heads, d, seed):
         assert rel_err(a.double(), b) <= 1e-5, name
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, heads=heads, single=st.booleans(), seed=st.integers(0, 2**16))
+def test_attention_sinks_match_reference_outputs_and_gradients_within_1e_10(layout, heads, single, seed):
+    """gpt-oss's sinks: one more logit per head in every softmax denominator, with its own gradient."""
+    prefix, suffix = layout
+    if single:
+        suffix = [[s[0]] for s in suffix]
+    torch.manual_seed(seed)
+    hq, hkv = heads
+    L = PrefixGroupLayout.from_lengths(prefix, suffix)
+    q = torch.randn(L.num_tokens, hq, 32, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(L.num_tokens, hkv, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sinks = (3 * torch.randn(hq, dtype=torch.float64)).requires_grad_()
+    ours = prefix_grouper_attention(q, k, v, L, backend="cpu", sinks=sinks)
+    ref = repeated_prefix_attention(q, k, v, prefix, suffix, sinks=sinks)
+    dout = torch.randn_like(ours)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), (ours, *torch.autograd.grad(ours, (q, k, v, sinks), dout)),
+                          (ref, *torch.autograd.grad(ref, (q, k, v, sinks), dout))):
+        assert rel_err(a, b) <= 1e-10, name
+    without = prefix_grouper_attention(q, k, v, L, backend="cpu")
+    assert rel_err(without, ours) > 1e-3  # the sinks matter at this size
+
+
+def test_sinks_of_the_wrong_shape_are_refused():
+    layout, q, k, v = layout_and_qkv()
+    with pytest.raises(ValueError, match=r"sinks must be a floating \[Hq\] = \[4\]"):
+        prefix_grouper_attention(q, k, v, layout, sinks=torch.zeros(2))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_single_member_groups_take_one_causal_pass_and_match_reference(dtype, tol):
     """The standard forward (every group of size 1) runs one causal pass per [prefix ; suffix]."""

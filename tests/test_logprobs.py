@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pg_deepspeed import completion_logprobs, patch_model
-from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm
+from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss
 
 SEEDS = (0, 5, 8)  # 3 groups of mixed sizes; 9 members, five of length 1; a 1-token prompt and completion
 GRAD_SEEDS = (0, 1)
@@ -196,3 +196,22 @@ def test_a_trl_shaped_batch_with_truncated_rows():
         ref, _ = padded_completion_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
     assert bool((logps[1] == 0).all())
     assert (logps - ref).abs().max() <= 1e-5
+
+
+def test_gpt_oss_attention_sinks_are_exact_in_logprobs_and_gradients():
+    """gpt-oss hands `s_aux` (one sink logit per head) to the attention function; it enters the grouped softmax."""
+    reference = tiny_gpt_oss()
+    model = patch_model(copy.deepcopy(reference), max_length=64)
+    model.train(), reference.train()
+    for seed in GRAD_SEEDS:
+        batch = random_grpo_batch(seed, "left")
+        advantages = torch.randn(batch[2].shape[0], 1, generator=torch.Generator().manual_seed(seed))
+        model.zero_grad(), reference.zero_grad()
+        logps = completion_logprobs(model, *batch)
+        ref_logps, _ = padded_completion_logprobs(reference, *batch)
+        assert (logps - ref_logps).abs().max() <= 1e-5
+        (advantages * logps).sum().backward()
+        (advantages * ref_logps).sum().backward()
+        assert _worst_relative_grad_error(model, reference) <= 1e-4
+        sink_grads = [layer.self_attn.sinks.grad for layer in model.model.layers]
+        assert all(g is not None and g.abs().max() > 0 for g in sink_grads)

@@ -274,3 +274,11 @@ def test_a_model_built_from_a_patched_config_keeps_its_original_attention_and_re
         sibling(input_ids=packed[None], prefix_layout=layout)
     patch_model(sibling)
     assert sibling._prefix_grouper.original == "sdpa"
+
+
+def test_an_attention_argument_the_grouped_path_does_not_implement_is_refused_not_dropped():
+    model = patch_model(tiny_causal_lm("llama"))
+    layout, ids, *_ = _random_layout(0)
+    lengths = torch.tensor([0, layout.num_tokens], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"attention arguments \['cu_seq_lens_q'\] .* refusing rather than dropping"):
+        model(input_ids=ids[None], prefix_layout=layout, cu_seq_lens_q=lengths)

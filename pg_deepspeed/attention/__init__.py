@@ -65,6 +65,7 @@ def prefix_grouper_attention(
     *,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention over a prefix-grouped packed batch.
 
@@ -72,8 +73,15 @@ def prefix_grouper_attention(
     A prefix token attends causally within its prefix; a suffix token attends to its group's
     whole prefix and causally to its own suffix. Outputs and gradients equal plain causal
     attention over `[prefix_g ; suffix_gi]` for every member.
+    sinks: optional [Hq] attention-sink logits (gpt-oss's `s_aux`): one more logit per head in every row's
+    softmax denominator, with no value; differentiable.
     """
     _check_inputs(q, k, v, layout)
+    if sinks is not None and (sinks.shape != (q.shape[1],) or sinks.device != q.device or not sinks.is_floating_point()):
+        raise ValueError(
+            f"sinks must be a floating [Hq] = [{q.shape[1]}] tensor on {q.device}, got {tuple(sinks.shape)} "
+            f"{sinks.dtype} on {sinks.device}"
+        )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     module = resolve_backend(backend, q.device, q.dtype)
-    return PrefixGroupedAttention.apply(q, k, v, layout, module, scale)
+    return PrefixGroupedAttention.apply(q, k, v, layout, module, scale, sinks)

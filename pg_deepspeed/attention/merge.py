@@ -1,9 +1,12 @@
-"""Log-sum-exp merge of two attention passes over disjoint key sets.
+"""Log-sum-exp merges: two attention passes over disjoint key sets, and an attention sink.
 
 If pass a attends keys K_a and pass b keys K_b (disjoint), with outputs O_a, O_b and
 log-sum-exps L_a, L_b, attention over K_a ∪ K_b is
 
     L = log(exp(L_a) + exp(L_b)),    O = exp(L_a - L) · O_a + exp(L_b - L) · O_b.
+
+A sink (gpt-oss's `s_aux`) is one more logit s_h per head in every row's softmax denominator with no
+value: a "pass" with O_b = 0 and L_b = s_h, so L' = logaddexp(L, s_h) and O' = exp(L - L') · O.
 """
 from __future__ import annotations
 
@@ -19,3 +22,23 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     acc = torch.promote_types(out_a.dtype, lse.dtype)
     out = out_a.to(acc) * w_a + out_b.to(acc) * w_b
     return out.to(out_a.dtype), lse
+
+
+def add_sink(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """out: [T, H, D]; lse: [H, T]; sinks: [H] -> (out [T, H, D] in out's dtype, lse [H, T]) with the sink merged."""
+    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
+    weight = torch.exp(lse - lse_s).transpose(0, 1).unsqueeze(-1)
+    acc = torch.promote_types(out.dtype, lse.dtype)
+    return (out.to(acc) * weight).to(out.dtype), lse_s
+
+
+def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """d loss / d sinks [H], given the final out [T, H, D] and lse [H, T] (sink included) and dout [T, H, D].
+
+    With p_s = exp(s_h - L'_i) the sink's probability in row i and D_i = rowsum(dO_i ∘ O'_i):
+    dL/ds_h = -Σ_i p_s · D_i (the sink's value is 0, so its dP term vanishes).
+    """
+    acc = torch.promote_types(out.dtype, lse.dtype)
+    d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1)  # [H, T]
+    p_sink = torch.exp(sinks.to(lse.dtype)[:, None] - lse)
+    return -(p_sink * d).sum(1).to(sinks.dtype)

@@ -17,8 +17,10 @@ transformers builds masks from the implementation name alone, before any attenti
 forward pre-hook on every patched `PreTrainedModel` checks the call and records it (layout or
 not) in a context variable that the registered mask function reads.
 
-Windows: a sliding or chunked window shorter than `max_length` is refused at patch time; a longer
-one is accepted and every packed call checks that no prompt + completion exceeds it.
+What can be served exactly is decided in `support.py`: refusals at patch time (a sliding or chunked
+window shorter than `max_length`, among others) and limits every packed call is checked against (no
+prompt + completion longer than a window; no packed row longer than a model that reads the packed
+index is exact for).
 
 The original implementation's name and the chosen backend live on every submodule as
 `_prefix_grouper` (so deep copies stay patched) and never in the config (so saving is unchanged).
@@ -43,6 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import BACKENDS, prefix_grouper_attention
 from .layout import PrefixGroupLayout
+from .support import CallLimits, call_limits, unsupported_reasons
 
 ATTN_NAME = "prefix_grouper"
 # Keyword arguments an attention module may hand the attention function, and what becomes of them under a layout:
@@ -55,16 +58,15 @@ ATTENTION_KWARGS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
     "output_router_logits", "return_dict",
 })
-WINDOWED_LAYERS = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
 
 
 @dataclass(frozen=True)
 class PatchState:
-    """What a patched model remembers: its original attention, the grouped backend, its window."""
+    """What a patched model remembers: its original attention, the grouped backend, its per-call limits."""
 
     original: str
     backend: str
-    window: int | None  # smallest sliding/chunked window of any layer; None when every layer is full
+    limits: CallLimits
 
 
 @dataclass(frozen=True)
@@ -87,46 +89,6 @@ def unwrap_model(model: nn.Module) -> PreTrainedModel:
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel or a DeepSpeed engine around one, got {type(model)}")
     return inner
-
-
-# ---------------------------------------------------------------------------------------------- refusals
-def _windows(config: Any) -> dict[str, int]:
-    """{kind of window: smallest size} over the layers that use one."""
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        kinds = {WINDOWED_LAYERS[t] for t in types if t in WINDOWED_LAYERS}
-    else:
-        kinds = {k for k in ("sliding_window", "attention_chunk_size") if getattr(config, k, None) is not None}
-        if getattr(config, "use_sliding_window", True) is False:
-            kinds.discard("sliding_window")
-    return {k: int(getattr(config, k)) for k in kinds if getattr(config, k, None) is not None}
-
-
-def unsupported_reasons(model: PreTrainedModel, max_length: int | None) -> list[str]:
-    """Why `model` cannot be served exactly for sequences up to `max_length` tokens (empty when it can)."""
-    config = model.config
-    text = config.get_text_config()
-    reasons = []
-    if getattr(config, "is_encoder_decoder", False):
-        reasons.append("encoder-decoder models are not supported (only decoder-only causal LMs are)")
-    if not getattr(model, "_supports_attention_backend", False) or not model._can_set_attn_implementation():
-        reasons.append(f"{type(model).__name__} does not route its attention through transformers' AttentionInterface")
-    if not getattr(text, "is_causal", True):
-        reasons.append("the model attends bidirectionally (config.is_causal is False)")
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        reasons.append(f"attention-logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})")
-    types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in types if t != "full_attention" and t not in WINDOWED_LAYERS})
-    block_types = sorted({t for t in (getattr(text, "layers_block_type", None) or []) if t != "attention"})
-    if other or block_types:
-        reasons.append(f"linear-attention or hybrid layers ({', '.join(other + block_types)})")
-    for kind, size in _windows(text).items():
-        if max_length is None or size < max_length:
-            reasons.append(
-                f"{kind}={size} would cut into sequences of up to max_length={max_length} tokens "
-                f"(pass patch_model(..., max_length=<= {size}) if your prompt + completion never exceed it)"
-            )
-    return reasons
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -239,13 +201,7 @@ def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: Pre
         raise ValueError("pass attention_mask=None with a prefix_layout: the layout defines the attention")
     if arguments.get("past_key_values") is not None:
         raise ValueError("past_key_values cannot be combined with a prefix_layout")
-    window = _state_of(module).window
-    if window is not None:
-        longest = int((layout.prefix_lens[layout.member_group] + layout.suffix_lens).max())
-        if longest > window:
-            raise ValueError(
-                f"a prompt + completion of {longest} tokens exceeds the model's attention window ({window})"
-            )
+    _state_of(module).limits.check(layout)
 
 
 def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -327,8 +283,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
         original = patched.original if patched is not None else _state_of_config(hf.config).original
     if patched is None:
         _give_private_config(hf)
-    windows = _windows(text)
-    state = PatchState(original=original, backend=backend, window=min(windows.values()) if windows else None)
+    state = PatchState(original=original, backend=backend, limits=call_limits(text))
 
     AttentionInterface.register(ATTN_NAME, prefix_grouper_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, prefix_grouper_mask)

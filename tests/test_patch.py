@@ -282,3 +282,35 @@ def test_an_attention_argument_the_grouped_path_does_not_implement_is_refused_no
     lengths = torch.tensor([0, layout.num_tokens], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"attention arguments \['cu_seq_lens_q'\] .* refusing rather than dropping"):
         model(input_ids=ids[None], prefix_layout=layout, cu_seq_lens_q=lengths)
+
+
+def _llama4(**overrides):
+    """A tiny Llama 4 text model whose layer 1 is NoPE (no_rope_layers[1] == 0) with attention temperature tuning."""
+    config = tf.Llama4TextConfig(**{
+        **TINY, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128, "attention_chunk_size": None,
+        "no_rope_layers": [1, 0], "attn_temperature_tuning": True, "floor_scale": 16, "attn_scale": 0.5,
+        **overrides,
+    })
+    torch.manual_seed(0)
+    return tf.Llama4ForCausalLM(config).eval()
+
+
+def test_llama4_nope_temperature_is_exact_below_floor_scale_and_refused_above():
+    """Llama 4 scales NoPE-layer queries by the packed index (not the position): exact while the row is shorter
+    than floor_scale, refused per call beyond it (the grouped result would differ from the members alone)."""
+    reference = _llama4()
+    model = patch_model(copy.deepcopy(reference))
+    g = torch.Generator().manual_seed(0)
+    short = PrefixGroupLayout.from_lengths([6], [[4, 5]])  # 15 tokens < floor_scale 16
+    ids = torch.randint(3, 128, (short.num_tokens,), generator=g)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids[None], prefix_layout=short).last_hidden_state[0]
+        alone = reference.model(input_ids=torch.cat([ids[:6], ids[10:15]])[None]).last_hidden_state[0]
+    assert (hidden[10:15] - alone[6:]).abs().max() <= 1e-5
+    long = PrefixGroupLayout.from_lengths([6], [[4, 5, 3]])  # 18 tokens: indices past 15 would be scaled
+    ids = torch.randint(3, 128, (long.num_tokens,), generator=g)
+    with pytest.raises(ValueError, match=r"packed row holds 18 tokens, more than the 15 .* Llama 4 .* floor_scale=16"):
+        model(input_ids=ids[None], prefix_layout=long)
+    without_tuning = patch_model(_llama4(attn_temperature_tuning=False))
+    with torch.no_grad():
+        without_tuning(input_ids=ids[None], prefix_layout=long)

@@ -15,6 +15,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from .plan import AttentionPlan, build_plan
+
 GroupSize = Union[int, Sequence[int]]
 
 
@@ -37,6 +39,7 @@ class PrefixGroupLayout:
     | cu_groups        | [B+1]   | int32 offsets of each whole group in the packed order          |
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
+    | plan             |         | the attention passes (plan.py): the prefixes and suffixes as a forest of depth 1 |
     """
 
     prefix_lens: Tensor
@@ -60,6 +63,7 @@ class PrefixGroupLayout:
     single_member: bool
     completion_width: int
     num_tokens: int
+    plan: AttentionPlan
 
     @property
     def num_groups(self) -> int:
@@ -72,6 +76,11 @@ class PrefixGroupLayout:
     @property
     def device(self) -> torch.device:
         return self.position_ids.device
+
+    @property
+    def longest_path(self) -> int:
+        """The longest prompt + completion: the longest sequence any token's attention spans."""
+        return int((self.prefix_lens[self.member_group] + self.suffix_lens).max())
 
     @property
     def prefix_tokens_saved(self) -> int:
@@ -245,6 +254,7 @@ class PrefixGroupLayout:
             single_member=all(g == 1 for g in sizes),
             completion_width=int(width),
             num_tokens=T,
+            plan=build_plan(seg_len.tolist(), _group_parents(sizes), device),
         )
 
     # ------------------------------------------------------------------ data movement
@@ -283,5 +293,14 @@ class PrefixGroupLayout:
 
     def to(self, device: torch.device | str) -> "PrefixGroupLayout":
         """The same layout with its tensors on `device`."""
-        fields = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        fields = {k: (v.to(device) if isinstance(v, (Tensor, AttentionPlan)) else v) for k, v in self.__dict__.items()}
         return PrefixGroupLayout(**fields)
+
+
+def _group_parents(sizes: list[int]) -> list[int]:
+    """Each packed segment's parent: -1 for a group's prefix, the prefix's slot for each of its G suffixes."""
+    parents: list[int] = []
+    for size in sizes:
+        slot = len(parents)
+        parents += [-1] + [slot] * size
+    return parents

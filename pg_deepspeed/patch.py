@@ -144,6 +144,8 @@ def prefix_grouper_attention_forward(
     state = _state_of(module)
     if query.shape[0] != 1:
         raise ValueError(f"a prefix_layout forward takes one packed row, got a batch of {query.shape[0]}")
+    if attention_mask is not None:  # our mask function builds none under a layout: this one is the module's own
+        raise ValueError(f"{type(module).__name__} builds its own attention mask, which a prefix_layout cannot honour")
     if kwargs.get("dropout", 0.0):
         raise ValueError(f"attention dropout ({kwargs['dropout']}) is not supported with a prefix_layout")
     if kwargs.get("softcap") is not None:

@@ -32,7 +32,7 @@ class CallLimits:
     def check(self, layout: PrefixGroupLayout) -> None:
         """Raise ValueError naming the limit when `layout` exceeds one."""
         if self.window is not None:
-            longest = int((layout.prefix_lens[layout.member_group] + layout.suffix_lens).max())
+            longest = layout.longest_path
             if longest > self.window:
                 raise ValueError(
                     f"a prompt + completion of {longest} tokens exceeds the model's attention window ({self.window})"
@@ -75,6 +75,31 @@ PACKED_INDEX_LIMITS: dict[str, Callable[[Any], tuple[int, str] | None]] = {
 }
 
 
+# Families refused whatever the call: what they compute reads the packed row, not `position_ids`, or carries maths in
+# an argument or mask that prefix-grouped attention does not implement (a survey of transformers 5.24's modeling
+# files; some are also refused by the checks in `unsupported_reasons`, named here so the reason is the true one).
+_ARANGE_POSITIONS = "builds its position embeddings from the index in the row (torch.arange), ignoring position_ids"
+_SPARSE_INDEXER = "selects each query's keys with a learned top-k indexer over the row (`indices` / its own mask)"
+_ROBERTA_POSITIONS = "numbers positions from padding_idx + 1, so the layout's positions (from 0) are not its own"
+PACKED_INDEX_REFUSED: dict[str, str] = {
+    "doge": "adds a learned per-key bias and keeps the top keep_window_size keys of the whole row through its own "
+            "attention mask",
+    "blt": "builds patches, hashed n-gram embeddings and positions from the packed row",
+    "qwen4_exp_text": "builds n-gram embeddings from the packed token history",
+    "deepseek_v4": "compresses K/V over windows of consecutive packed tokens",
+    "minimax_m3_vl_text": "compares key indices in the row (torch.arange) with position_ids in its block indexer",
+    "inkling_text": "adds a relative-position bias built from distances in the row (torch.arange)",
+    "inkling2_text": "adds a relative-position bias built from distances in the row (torch.arange)",
+    "inkling2_loop_text": "adds a relative-position bias built from distances in the row (torch.arange)",
+    **{name: _SPARSE_INDEXER for name in ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4")},
+    **{name: _ARANGE_POSITIONS for name in ("bart", "mbart", "blenderbot", "blenderbot-small", "marian", "pegasus",
+                                            "plbart", "bigbird_pegasus", "musicgen_decoder",
+                                            "musicgen_melody_decoder")},
+    **{name: _ROBERTA_POSITIONS for name in ("roberta", "camembert", "xlm-roberta", "xlm-roberta-xl", "data2vec-text",
+                                             "xmod", "roberta-prelayernorm")},
+}
+
+
 def call_limits(config: Any) -> CallLimits:
     """The per-call limits of a model whose text config is `config`."""
     windows = _windows(config)
@@ -92,6 +117,9 @@ def unsupported_reasons(model: PreTrainedModel, max_length: int | None) -> list[
     config = model.config
     text = config.get_text_config()
     reasons = []
+    for kind in dict.fromkeys((getattr(config, "model_type", ""), getattr(text, "model_type", ""))):
+        if kind in PACKED_INDEX_REFUSED:
+            reasons.append(f"{kind} {PACKED_INDEX_REFUSED[kind]}")
     if getattr(config, "is_encoder_decoder", False):
         reasons.append("encoder-decoder models are not supported (only decoder-only causal LMs are)")
     if not getattr(model, "_supports_attention_backend", False) or not model._can_set_attn_implementation():

@@ -196,9 +196,22 @@ def _t5():
     return tf.T5ForConditionalGeneration(config)
 
 
+def _doge():
+    config = tf.DogeConfig(**{**TINY, "keep_window_size": 8})
+    return tf.DogeForCausalLM(config)
+
+
+def _roberta_decoder():
+    config = tf.RobertaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                              vocab_size=128, is_decoder=True)
+    return tf.RobertaForCausalLM(config)
+
+
 @pytest.mark.parametrize(
     "build, match",
     [
+        (_doge, "doge adds a learned per-key bias"),
+        (_roberta_decoder, r"roberta numbers positions from padding_idx \+ 1"),
         (_gemma2, r"attention-logit softcapping \(attn_logit_softcapping=50.0\)"),
         (lambda: tiny_causal_lm("mistral", sliding_window=16), "sliding_window=16 would cut into .* max_length=256"),
         (_llama4_chunked, "attention_chunk_size=32 would cut into"),
@@ -206,7 +219,7 @@ def _t5():
         (_mamba, "does not route its attention through transformers' AttentionInterface"),
         (_t5, "encoder-decoder models are not supported"),
     ],
-    ids=["gemma2-softcap", "mistral-sliding", "llama4-chunked", "qwen3next-linear", "mamba", "t5-encoder-decoder"],
+    ids=["doge-own-mask", "roberta-positions", "gemma2-softcap", "mistral-sliding", "llama4-chunked", "qwen3next-linear", "mamba", "t5-encoder-decoder"],
 )
 def test_unsupported_models_are_refused_at_patch_time_and_left_unchanged(build, match):
     model = build()
@@ -314,3 +327,16 @@ def test_llama4_nope_temperature_is_exact_below_floor_scale_and_refused_above():
     without_tuning = patch_model(_llama4(attn_temperature_tuning=False))
     with torch.no_grad():
         without_tuning(input_ids=ids[None], prefix_layout=long)
+
+
+def test_a_mask_a_module_builds_itself_is_refused_under_a_layout():
+    """Our mask function builds none under a layout, so a mask reaching attention is a module's own (doge's kind)."""
+    model = patch_model(tiny_causal_lm("llama"))
+    layout, ids, *_ = _random_layout(0)
+
+    def own_mask(_module, args, kwargs):
+        return args, {**kwargs, "attention_mask": torch.zeros(1, 1, layout.num_tokens, layout.num_tokens)}
+
+    model.model.layers[1].self_attn.register_forward_pre_hook(own_mask, with_kwargs=True)
+    with pytest.raises(ValueError, match="LlamaAttention builds its own attention mask"):
+        model(input_ids=ids[None], prefix_layout=layout)

@@ -1,4 +1,4 @@
-"""The prefix-grouped attention as one autograd Function over any backend module."""
+"""Prefix-grouped attention as one autograd Function over any backend module and any layout's plan."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -6,42 +6,34 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..layout import PrefixGroupLayout
-from .merge import add_sink, merge_attention, sink_grad
+from .merge import add_sink, merge_rows, sink_grad
 
 
 class PrefixGroupedAttention(torch.autograd.Function):
-    """Exact attention for `[prefix | suffix_1 | ... | suffix_G]` with the prefix K/V stored once.
-
-    Keys of a suffix token split into two disjoint sets, each one varlen pass:
-      causal pass: every segment (prefix, each suffix) causally over itself   -> (O_c, L_c)
-      cross pass:  each group's suffix queries over that group's prefix keys  -> (O_x, L_x)
-    Forward merges on suffix rows: L = logaddexp(L_c, L_x), O = e^(L_c-L) O_c + e^(L_x-L) O_x.
-    When every group has one member (the standard forward, `prefix_grouping=False`) each group is a
-    single causal sequence and one causal pass over whole groups is the whole attention.
+    """Exact attention over a packed forest of segments (`PrefixGroupLayout`, `PrefixTreeLayout`), every
+    segment's K/V stored once. The layout's `plan` (see plan.py) splits each row's keys into disjoint sets:
+      causal pass: each run (a chain of segments) causally over itself                   -> (O_c, L_c)
+      cross pass:  each ancestor run's keys, for every query row below it (once per ancestor) -> (O_x, L_x)
+    Forward merges per row: L = log(e^L_c + Σ e^L_x), O = e^(L_c-L) O_c + Σ e^(L_x-L) O_x.
     Sinks (optional, [Hq]) enter every row last: L' = logaddexp(L, s), O' = e^(L-L') O (see merge.py).
-    Backward: a flash backward recomputes P = exp(q kᵀ s - L) and uses D = rowsum(dO ∘ O); given
-    the merged (O, L) both are the true ones restricted to the pass's keys, so
-    dq = dq_c + dq_x, and dk, dv are the causal parts plus the cross parts scattered onto the prefix;
+    Backward: a flash backward recomputes P = exp(q kᵀ s - L) and uses D = rowsum(dO ∘ O); given the merged
+    (O, L) both are the true ones restricted to the pass's keys, so dq is the causal part plus every cross part
+    summed onto its row, and dk, dv the causal parts plus the cross parts scattered onto the ancestor tokens;
     a sink is a key with no value, so dq, dk, dv need nothing more and ds = -Σ_rows e^(s-L') D.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout: PrefixGroupLayout, backend: ModuleType, scale: float,
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout, backend: ModuleType, scale: float,
                 sinks: Tensor | None = None):
-        L = layout
-        ctx.layout, ctx.backend, ctx.scale = layout, backend, scale
-        if L.single_member:  # every group is one plain causal sequence [prefix ; suffix]
-            out, lse = backend.forward(q, k, v, L.cu_groups, L.cu_groups, L.max_group, L.max_group, True, scale)
-        else:
-            out, lse = backend.forward(q, k, v, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale)
-            si, pi = L.suffix_index, L.prefix_index
+        P = layout.plan
+        ctx.plan, ctx.backend, ctx.scale = P, backend, scale
+        out, lse = backend.forward(q, k, v, P.cu_causal, P.cu_causal, P.max_causal, P.max_causal, True, scale)
+        if P.has_cross:
+            qi, ki = P.cross_q, P.cross_k
             out_x, lse_x = backend.forward(
-                q[si], k[pi], v[pi], L.cu_suffix, L.cu_prefix, L.max_suffix_block, L.max_prefix, False, scale
+                q[qi], k[ki], v[ki], P.cu_cross_q, P.cu_cross_k, P.max_cross_q, P.max_cross_k, False, scale
             )
-            out_s, lse_s = merge_attention(out[si], lse[:, si], out_x, lse_x)
-            out = out.index_copy(0, si, out_s)
-            lse = lse.index_copy(1, si, lse_s)
+            out, lse = merge_rows(out, lse, out_x, lse_x, qi)
         if sinks is not None:
             out, lse = add_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
@@ -50,21 +42,18 @@ class PrefixGroupedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        L, backend, scale = ctx.layout, ctx.backend, ctx.scale
+        P, backend, scale = ctx.plan, ctx.backend, ctx.scale
         dsinks = None if sinks is None or not ctx.needs_input_grad[6] else sink_grad(dout, out, lse, sinks)
-        if L.single_member:
-            grads = backend.backward(dout, q, k, v, out, lse, L.cu_groups, L.cu_groups, L.max_group, L.max_group,
-                                     True, scale)
-            return *grads, None, None, None, dsinks
-        si, pi = L.suffix_index, L.prefix_index
         dq, dk, dv = backend.backward(
-            dout, q, k, v, out, lse, L.cu_seqlens, L.cu_seqlens, L.max_seqlen, L.max_seqlen, True, scale
+            dout, q, k, v, out, lse, P.cu_causal, P.cu_causal, P.max_causal, P.max_causal, True, scale
         )
-        dq_x, dk_x, dv_x = backend.backward(
-            dout[si], q[si], k[pi], v[pi], out[si], lse[:, si].contiguous(),
-            L.cu_suffix, L.cu_prefix, L.max_suffix_block, L.max_prefix, False, scale,
-        )
-        dq = dq.index_add(0, si, dq_x)
-        dk = dk.index_add(0, pi, dk_x)
-        dv = dv.index_add(0, pi, dv_x)
+        if P.has_cross:
+            qi, ki = P.cross_q, P.cross_k
+            dq_x, dk_x, dv_x = backend.backward(
+                dout[qi], q[qi], k[ki], v[ki], out[qi], lse[:, qi].contiguous(),
+                P.cu_cross_q, P.cu_cross_k, P.max_cross_q, P.max_cross_k, False, scale,
+            )
+            dq = dq.index_add(0, qi, dq_x)
+            dk = dk.index_add(0, ki, dk_x)
+            dv = dv.index_add(0, ki, dv_x)
         return dq, dk, dv, None, None, None, dsinks

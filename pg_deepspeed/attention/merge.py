@@ -42,3 +42,22 @@ def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
     d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1)  # [H, T]
     p_sink = torch.exp(sinks.to(lse.dtype)[:, None] - lse)
     return -(p_sink * d).sum(1).to(sinks.dtype)
+
+
+def merge_rows(out: Tensor, lse: Tensor, out_x: Tensor, lse_x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge partial passes into whole rows: the n-way form of `merge_attention`.
+
+    out: [T, H, D], lse: [H, T], one pass over some keys of every row; out_x: [R, H, D], lse_x: [H, R], passes of
+    rows `rows` [R] over other, disjoint key sets (a row may appear several times, once per key set).
+    L = log(e^L_row + Σ e^L_x) computed from the row-wise max M; O = e^(L_row-L) O_row + Σ e^(L_x-L) O_x.
+    Returns (out [T, H, D] in out's dtype, lse [H, T]).
+    """
+    acc = torch.promote_types(out.dtype, lse.dtype)
+    H = lse.shape[0]
+    m = lse.scatter_reduce(1, rows.expand(H, -1), lse_x, "amax")
+    total = torch.exp(lse - m).index_add(1, rows, torch.exp(lse_x - m[:, rows]))
+    merged_lse = m + torch.log(total)
+    w = torch.exp(lse - merged_lse).transpose(0, 1).unsqueeze(-1)
+    w_x = torch.exp(lse_x - merged_lse[:, rows]).transpose(0, 1).unsqueeze(-1)
+    merged = (out.to(acc) * w).index_add(0, rows, out_x.to(acc) * w_x)
+    return merged.to(out.dtype), merged_lse

@@ -1,9 +1,10 @@
 """pg_deepspeed: prefix-grouped GRPO training, computing each prompt once instead of G times."""
 from .attention import prefix_grouper_attention
 from .layout import PrefixGroupLayout
+from .tree import PrefixTreeLayout
 
 __version__ = "0.1.0"
-__all__ = ["PrefixGroupLayout", "prefix_grouper_attention", "patch_model", "completion_logprobs", "__version__"]
+__all__ = ["PrefixGroupLayout", "PrefixTreeLayout", "prefix_grouper_attention", "patch_model", "completion_logprobs", "__version__"]
 
 
 def __getattr__(name: str):

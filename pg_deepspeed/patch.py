@@ -45,6 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import BACKENDS, prefix_grouper_attention
 from .layout import PrefixGroupLayout
+from .tree import PrefixTreeLayout
 from .support import CallLimits, call_limits, unsupported_reasons
 
 ATTN_NAME = "prefix_grouper"
@@ -71,7 +72,7 @@ class PatchState:
 
 @dataclass(frozen=True)
 class _Call:
-    layout: PrefixGroupLayout | None
+    layout: PrefixGroupLayout | PrefixTreeLayout | None
     state: PatchState
 
 
@@ -130,7 +131,7 @@ def prefix_grouper_attention_forward(
     key: Tensor,
     value: Tensor,
     attention_mask: Tensor | None,
-    prefix_layout: PrefixGroupLayout | None = None,
+    prefix_layout: PrefixGroupLayout | PrefixTreeLayout | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """The registered attention function. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None).
@@ -187,9 +188,10 @@ def _remember_config(config: Any, state: PatchState) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- forward hooks
-def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: PrefixGroupLayout) -> None:
-    if not isinstance(layout, PrefixGroupLayout):
-        raise TypeError(f"prefix_layout must be a PrefixGroupLayout, got {type(layout)}")
+def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: PrefixGroupLayout | PrefixTreeLayout
+                       ) -> None:
+    if not isinstance(layout, (PrefixGroupLayout, PrefixTreeLayout)):
+        raise TypeError(f"prefix_layout must be a PrefixGroupLayout or PrefixTreeLayout, got {type(layout)}")
     x = arguments.get("input_ids")
     x = arguments.get("inputs_embeds") if x is None else x
     if x is None or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != layout.num_tokens:

@@ -48,6 +48,23 @@ def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None, sin
     return out
 
 
+def tree_path_attention(q, k, v, parents, lengths, scale=None):
+    """Every segment's rows computed from its own root-to-segment path alone: dense causal attention over the
+    concatenated path tokens, the segment's rows kept. q, k, v: packed [T, H, D] in segment order."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    out = torch.empty_like(q)
+    for s in range(len(lengths)):
+        path, node = [], s
+        while node >= 0:
+            path.append(node)
+            node = parents[node]
+        rows = torch.cat([torch.arange(starts[n], starts[n + 1]) for n in reversed(path)])
+        out[starts[s]:starts[s + 1]] = dense_causal_attention(q[rows], k[rows], v[rows], scale)[-lengths[s]:]
+    return out
+
+
 def padded_completion_logprobs(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, temperature=1.0
 ):

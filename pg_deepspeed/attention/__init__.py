@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 from ..layout import PrefixGroupLayout
+from ..tree import PrefixTreeLayout
+
+Layout = PrefixGroupLayout | PrefixTreeLayout
 from . import cpu, flash, torch_cuda
 from .function import PrefixGroupedAttention
 
@@ -35,7 +38,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
     return BACKENDS[name]
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: PrefixGroupLayout) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> None:
+    if not isinstance(layout, (PrefixGroupLayout, PrefixTreeLayout)):
+        raise TypeError(f"layout must be a PrefixGroupLayout or PrefixTreeLayout, got {type(layout).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3:
             raise ValueError(f"{name} must be [T, H, D], got shape {tuple(x.shape)}")
@@ -61,7 +66,7 @@ def prefix_grouper_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    layout: PrefixGroupLayout,
+    layout: Layout,
     *,
     softmax_scale: float | None = None,
     backend: str = "auto",
@@ -72,7 +77,8 @@ def prefix_grouper_attention(
     q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0; returns [T, Hq, D].
     A prefix token attends causally within its prefix; a suffix token attends to its group's
     whole prefix and causally to its own suffix. Outputs and gradients equal plain causal
-    attention over `[prefix_g ; suffix_gi]` for every member.
+    attention over `[prefix_g ; suffix_gi]` for every member. With a `PrefixTreeLayout` a token attends
+    causally within its segment and fully to every ancestor segment, for any depth.
     sinks: optional [Hq] attention-sink logits (gpt-oss's `s_aux`): one more logit per head in every row's
     softmax denominator, with no value; differentiable.
     """

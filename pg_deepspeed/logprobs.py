@@ -1,9 +1,9 @@
 """Per-token log-probs of GRPO completions with each prompt forwarded once per group.
 
 `completion_logprobs` is a drop-in for a GRPO trainer's per-token log-prob function (TRL's
-`_get_per_token_logps_and_entropies`). The batch is packed by a `PrefixGroupLayout`, the patched
-decoder runs once over `[1, T]`, and the LM head runs only on the Ts rows that predict completion
-tokens, a chunk of rows at a time, recomputed chunk by chunk in backward.
+`_get_per_token_logps_and_entropies`). The batch is packed (packing.py: two levels, or three with a
+shared preamble), the patched decoder runs once over `[1, T]`, and the LM head runs only on the Ts rows
+that predict completion tokens, a chunk of rows at a time, recomputed chunk by chunk in backward.
 
 Shapes: B prompts, N = sum(G_g) completions, Lp / Lc padded widths, T packed tokens,
 Ts = sum of completion lengths, H hidden size, V vocabulary.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from .layout import PrefixGroupLayout
+from .packing import pack_completions
 from .patch import unwrap_model
 
 GroupSize = Union[int, Sequence[int]]
@@ -93,17 +93,6 @@ def chunked_head_logprobs(
     return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
 
-def predictor_rows(layout: PrefixGroupLayout) -> Tensor:
-    """[Ts] packed rows whose hidden state predicts each completion token, in `suffix_index` order.
-
-    Token 0 of a completion is predicted by its prompt's last token (one row per member);
-    token c > 0 by the completion token before it.
-    """
-    last_prompt_token = layout.prefix_index[layout.cu_prefix[1:].long() - 1]
-    first = last_prompt_token[layout.member_group[layout.suffix_row]]
-    return torch.where(layout.suffix_col == 0, first, layout.suffix_index - 1)
-
-
 def _decoder(model: PreTrainedModel) -> nn.Module:
     """The body whose last hidden state feeds the LM head (`get_decoder`, or `.model` where that returns the LM)."""
     decoder = model.get_decoder()
@@ -125,12 +114,6 @@ def _begin_engine_forward(model: nn.Module) -> None:
     clear = getattr(getattr(model, "optimizer", None), "clear_backward_seen_flag", None)
     if callable(clear):
         clear()
-
-
-def _completion_rows(layout: PrefixGroupLayout, x: Tensor) -> Tensor:
-    """x: [Ts] in `suffix_index` order -> [N, Lc], 0 at padded places (differentiable)."""
-    out = x.new_zeros(layout.num_members, layout.completion_width)
-    return out.index_put((layout.suffix_row, layout.suffix_col), x)
 
 
 def _group_sizes(group_size: GroupSize, num_prompts: int, num_completions: int) -> list[int]:
@@ -171,6 +154,7 @@ def completion_logprobs(
     return_entropy: bool = False,
     prefix_grouping: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    preamble: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
 
@@ -188,6 +172,9 @@ def completion_logprobs(
     prefix_grouping: False runs the standard forward through the same code, each member as its own
         `prompt + completion` (prompt repeated G times), packed without padding: the A/B baseline.
     chunk_size: rows of the LM head computed at once.
+    preamble: > 0 also shares the first `preamble` tokens of every prompt (a system prompt or few-shot preamble
+        they all begin with; see `packing.common_prefix_length`): computed once for the micro-batch, a
+        three-level tree. Ignored with `prefix_grouping=False`.
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     sizes = _group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
@@ -195,6 +182,8 @@ def completion_logprobs(
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if isinstance(preamble, bool) or not isinstance(preamble, int) or preamble < 0:
+        raise ValueError(f"preamble must be a non-negative int, got {preamble!r}")
     hf = unwrap_model(model)
     if getattr(hf, "_prefix_grouper", None) is None:
         raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
@@ -206,21 +195,22 @@ def completion_logprobs(
         repeats = torch.tensor(sizes, device=prompt_ids.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
         sizes = [1] * len(completion_ids)
-    layout = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, sizes)
-    ids = layout.pack(prompt_ids, completion_ids)
+        preamble = 0
+    packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble)
+    layout = packing.layout
     _begin_engine_forward(model)
 
     out = _decoder(hf)(
-        input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
+        input_ids=packing.ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
     )
     hidden = out[0][0]  # [T, H]
     transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
     logps, entropies = chunked_head_logprobs(
-        lm_head, hidden[predictor_rows(layout)], ids[layout.suffix_index], transform, chunk_size, return_entropy
+        lm_head, hidden[packing.predictors], packing.ids[packing.targets], transform, chunk_size, return_entropy
     )
     # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
     keep = completion_mask.bool()
-    logps = _completion_rows(layout, logps).where(keep, 0.0)
+    logps = packing.unpack(logps).where(keep, 0.0)
     if not return_entropy:
         return logps
-    return logps, _completion_rows(layout, entropies).where(keep, 0.0)
+    return logps, packing.unpack(entropies).where(keep, 0.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pg_deepspeed import completion_logprobs, patch_model
+from pg_deepspeed.packing import common_prefix_length
 from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss
 
 SEEDS = (0, 5, 8)  # 3 groups of mixed sizes; 9 members, five of length 1; a 1-token prompt and completion
@@ -215,3 +216,49 @@ def test_gpt_oss_attention_sinks_are_exact_in_logprobs_and_gradients():
         assert _worst_relative_grad_error(model, reference) <= 1e-4
         sink_grads = [layer.self_attn.sinks.grad for layer in model.model.layers]
         assert all(g is not None and g.abs().max() > 0 for g in sink_grads)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "phi3"])
+def test_a_shared_preamble_computed_once_gives_the_padded_batch_logprobs_and_gradients(family, padding_side):
+    """Three levels: a preamble every prompt begins with, each prompt's rest (one prompt has none), completions."""
+    model, reference = _pair(family)
+    model.train(), reference.train()
+    g = torch.Generator().manual_seed(3)
+    preamble = torch.randint(3, 128, (11,), generator=g)
+    rests = [torch.randint(3, 128, (n,), generator=g) for n in (4, 0, 7)]
+    prompts = [torch.cat([preamble, r]) for r in rests]
+    Lp = max(len(p) for p in prompts) + 1
+    prompt_ids, prompt_mask = torch.zeros(3, Lp, dtype=torch.long), torch.zeros(3, Lp, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        cols = slice(Lp - len(p), Lp) if padding_side == "left" else slice(0, len(p))
+        prompt_ids[b, cols], prompt_mask[b, cols] = p, 1
+    sizes = [2, 3, 1]
+    lengths = torch.tensor([3, 1, 5, 2, 4, 1])
+    completion_ids = torch.randint(3, 128, (6, 5), generator=g)
+    completion_mask = (torch.arange(5) < lengths[:, None]).long()
+    assert common_prefix_length(prompt_ids, prompt_mask) == 11
+    rows = []
+    model.lm_head.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    tokens = []
+    model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: tokens.append(args[0].numel()))
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask, sizes)
+    logps = completion_logprobs(model, *batch, preamble=11)
+    ref, _ = padded_completion_logprobs(reference, *batch)
+    assert (logps - ref).abs().max() <= 1e-5
+    assert tokens == [11 + 4 + 7 + int(lengths.sum())]  # the preamble once, each prompt's rest once
+    advantages = torch.randn(6, 1, generator=g)
+    (advantages * logps).sum().backward()
+    (advantages * ref).sum().backward()
+    assert _worst_relative_grad_error(model, reference) <= 1e-4
+    two_level = completion_logprobs(model, *batch)
+    assert (two_level - logps).abs().max() <= 1e-5
+
+
+def test_a_preamble_the_prompts_do_not_share_is_refused():
+    model, _ = _pair("llama")
+    prompt_ids, prompt_mask, *rest = random_grpo_batch(0, "left")
+    with pytest.raises(ValueError, match=r"prompt \d does not begin with the 3-token preamble of prompt 0"):
+        completion_logprobs(model, prompt_ids, prompt_mask, *rest, preamble=3)
+    with pytest.raises(ValueError, match=r"preamble of 99 tokens does not fit the prompts"):
+        completion_logprobs(model, prompt_ids, prompt_mask, *rest, preamble=99)

@@ -9,7 +9,7 @@ from pg_deepspeed import patch_model
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments
 from pg_deepspeed.grpo.rollout import generate
-from pg_deepspeed.grpo.trainer import Batch, policy_loss
+from pg_deepspeed.grpo.trainer import Batch, policy_loss, shared_preamble
 from pg_deepspeed.presets import preset_config
 from conftest import run_deepspeed
 
@@ -54,6 +54,25 @@ def test_first_update_same_with_and_without_prefix_grouping(model, aggregation):
     assert stats_a["clip_frac"] == stats_b["clip_frac"]
     worst = max(((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()).item() for n in grads_b)
     assert worst <= 1e-4
+
+
+def test_a_preamble_shared_by_the_micro_batch_is_used_and_changes_nothing(model):
+    """Prompts that all begin with one system prompt: the trainer shares it once (three levels), same update."""
+    batch = random_batch(B=3, Lp=40)
+    preamble = torch.randint(4, 100, (24,), generator=torch.Generator().manual_seed(7))
+    ids, mask = torch.zeros(3, 64, dtype=torch.long), torch.zeros(3, 64, dtype=torch.long)
+    for row in range(3):  # left-padded: preamble + the row's own prompt at the right end
+        prompt = torch.cat([preamble, batch.prompt_ids[row][batch.prompt_mask[row] == 1]])
+        ids[row, 64 - len(prompt):], mask[row, 64 - len(prompt):] = prompt, 1
+    batch.prompt_ids, batch.prompt_mask = ids, mask
+    kw = dict(num_generations=4, beta=0.04, max_new_tokens=7)
+    shared = GRPOArguments(**kw, min_shared_preamble=16)
+    assert shared_preamble(batch, shared) >= 24
+    assert shared_preamble(batch, GRPOArguments(**kw, min_shared_preamble=0)) == 0
+    loss_a, _, grads_a = loss_and_grads(model, batch, shared)
+    loss_b, _, grads_b = loss_and_grads(model, batch, GRPOArguments(**kw, no_prefix_grouping=True))
+    assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_b)
+    assert max(((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()).item() for n in grads_b) <= 1e-4
 
 
 def test_prefix_once_rollout_matches_hf_generate_greedy(model):

@@ -62,6 +62,11 @@ class GRPOArguments:
     no_prefix_grouping: bool = field(
         default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}
     )
+    min_shared_preamble: int = field(
+        default=32,
+        metadata={"help": "Share the tokens every prompt of a micro-batch begins with (a system prompt, few-shot "
+                  "preamble) once per micro-batch when there are at least this many (0 = never)."},
+    )
 
 
 @dataclass

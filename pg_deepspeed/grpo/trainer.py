@@ -21,6 +21,7 @@ from ..engine import (
     build_model, export_hf, init_policy, init_reference, load_checkpoint, load_config, load_tokenizer, save_checkpoint,
 )
 from ..logprobs import completion_logprobs
+from ..packing import common_prefix_length
 from ..patch import patch_model
 from .advantages import ESTIMATORS, group_advantages
 from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
@@ -80,6 +81,8 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise ValueError(f"--temperature must be > 0, got {grpo.temperature}")
     if grpo.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {grpo.beta}")
+    if grpo.min_shared_preamble < 0:
+        raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
 
 
 def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> None:
@@ -92,11 +95,21 @@ def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens
         )
 
 
+def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
+    """Tokens every prompt of the micro-batch begins with, when worth sharing (>= --min_shared_preamble), else 0."""
+    if grpo.no_prefix_grouping or grpo.min_shared_preamble == 0 or batch.prompt_ids.shape[0] < 2:
+        return 0
+    shared = common_prefix_length(batch.prompt_ids, batch.prompt_mask)
+    return shared if shared >= grpo.min_shared_preamble else 0
+
+
 def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
-    """[N, Lc] log-probs of the batch's completions, prefix-grouped unless --no_prefix_grouping."""
+    """[N, Lc] log-probs of the batch's completions, prefix-grouped (with a shared preamble once when the micro-batch
+    has one) unless --no_prefix_grouping."""
     return completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
         temperature=grpo.temperature, prefix_grouping=not grpo.no_prefix_grouping,
+        preamble=shared_preamble(batch, grpo),
     )
 
 

@@ -41,6 +41,7 @@ class AttentionPlan:
     cu_cross_k: Tensor
     max_cross_q: int
     max_cross_k: int
+    cross_rows_unique: bool  # no run has two ancestor runs: every row is a cross query at most once
 
     @property
     def has_cross(self) -> bool:
@@ -111,4 +112,5 @@ def build_plan(lengths: Sequence[int], parents: Sequence[int], device: torch.dev
         cu_cross_k=_offsets([run_len[a] for a in owners], device),
         max_cross_q=max((sum(run_len[r] for r in below[a]) for a in owners), default=0),
         max_cross_k=max((run_len[a] for a in owners), default=0),
+        cross_rows_unique=all(len(anc) <= 1 for anc in ancestors),
     )

@@ -6,7 +6,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .merge import add_sink, merge_rows, sink_grad
+from .merge import add_sink, merge_attention, merge_rows, sink_grad
 
 
 class PrefixGroupedAttention(torch.autograd.Function):
@@ -33,7 +33,11 @@ class PrefixGroupedAttention(torch.autograd.Function):
             out_x, lse_x = backend.forward(
                 q[qi], k[ki], v[ki], P.cu_cross_q, P.cu_cross_k, P.max_cross_q, P.max_cross_k, False, scale
             )
-            out, lse = merge_rows(out, lse, out_x, lse_x, qi)
+            if P.cross_rows_unique:  # two levels: merge the cross rows alone, write them back
+                out_s, lse_s = merge_attention(out[qi], lse[:, qi], out_x, lse_x)
+                out, lse = out.index_copy(0, qi, out_s), lse.index_copy(1, qi, lse_s)
+            else:
+                out, lse = merge_rows(out, lse, out_x, lse_x, qi)
         if sinks is not None:
             out, lse = add_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)

@@ -238,3 +238,11 @@ def test_auto_on_an_sm80_gpu_in_bf16_takes_a_fused_kernel_silently(monkeypatch, 
 
 def test_backend_names_reach_the_registry():
     assert list(attention.BACKENDS) == ["flash_attn_3", "flash_attn", "torch", "cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: make gpu-check runs for real")
+def test_gpu_check_without_a_gpu_stops_loudly_and_writes_nothing(tmp_path, capsys):
+    from benchmarks import gpu_check
+    assert gpu_check.main(["--report", str(tmp_path / "gpu-check.md"), "--out", str(tmp_path / "gpu")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ fed the same (rounded) inputs. Tolerances:
             as its own [prefix ; suffix] through the same kernel) + 1e-3, and never above 3e-2: prefix
             sharing may cost at most one more rounding than the standard forward.
 """
+import functools
 import json
 import os
 
@@ -92,6 +93,24 @@ def run_ungrouped(backend: str, q, k, v, dout, prefix, suffix):
     return out_rows, fold(dq, q), fold(dk, k), fold(dv, v)
 
 
+@functools.lru_cache(maxsize=4)
+def inputs(case: str, d: int, dtype_name: str):
+    """(q, k, v, dout) on the GPU for one case, the same for every backend."""
+    prefix, suffix, hq, hkv = CASES[case]
+    T = sum(prefix) + sum(map(sum, suffix))
+    torch.manual_seed(1000 * sorted(CASES).index(case) + d)
+    shapes = [(T, hq, d), (T, hkv, d), (T, hkv, d), (T, hq, d)]
+    return tuple(torch.randn(shape, device=CUDA).to(DTYPES[dtype_name]) for shape in shapes)
+
+
+@functools.lru_cache(maxsize=4)
+def exact_answer(case: str, d: int, dtype_name: str):
+    """The cpu backend on CPU in float64, fed the same rounded inputs: (out, dq, dk, dv)."""
+    prefix, suffix, _, _ = CASES[case]
+    return run("cpu", *(x.double().cpu() for x in inputs(case, d, dtype_name)),
+               PrefixGroupLayout.from_lengths(prefix, suffix))
+
+
 def record(**figures) -> None:
     path = os.environ.get("PG_GPU_FIGURES")
     if path:
@@ -107,25 +126,20 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))  # innermost: the cached inputs and exact answer are reused
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_backend_on_gpu_matches_cpu_backend(backend, dtype_name, d, case):
     dtype = DTYPES[dtype_name]
     reason = BACKENDS[backend].available(CUDA, dtype)
     if reason is not None:
         pytest.skip(reason)
-    prefix, suffix, hq, hkv = CASES[case]
-    torch.manual_seed(1000 * sorted(CASES).index(case) + d)
+    prefix, suffix, _, _ = CASES[case]
+    q, k, v, dout = inputs(case, d, dtype_name)
     layout = PrefixGroupLayout.from_lengths(prefix, suffix, device=CUDA)
-    T = layout.num_tokens
-    q = torch.randn(T, hq, d, device=CUDA).to(dtype)
-    k, v = (torch.randn(T, hkv, d, device=CUDA).to(dtype) for _ in range(2))
-    dout = torch.randn(T, hq, d, device=CUDA).to(dtype)
-
     ours = run(backend, q, k, v, dout, layout)
-    exact = run("cpu", *(x.double().cpu() for x in (q, k, v, dout)), layout.to("cpu"))
+    exact = exact_answer(case, d, dtype_name)
     if dtype == torch.float32:
         bounds = [1e-5] * 4
     else:

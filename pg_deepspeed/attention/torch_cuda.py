@@ -11,8 +11,9 @@ q [Tq, Hq, D], k/v [Tk, Hkv, D], cum_seq_* int32 [S+1], logsumexp float32 [Hq, T
 torch/_meta_registrations.py), causal masks aligned bottom-right. Dropout is never used, so the RNG state
 handed to the backward is a placeholder. Same contract as `cpu.py`; `contract.py` checks every result.
 
-Refused: compute capability below 8.0 (the kernels are built for sm80+) and ROCm, whose kernel returns
-a padded log-sum-exp (pytorch#187899), so that `auto` falls through instead of merging wrong numbers.
+Refused: compute capability below 8.0 (the kernels are built for sm80+) and ROCm, whose default
+(AOTriton) varlen kernel returns a padded log-sum-exp [S, H, max_seqlen] unless AOTriton has compact
+varlen lse (pytorch issue #187872, PR #187899), so that `auto` falls through instead of merging wrong numbers.
 """
 from __future__ import annotations
 

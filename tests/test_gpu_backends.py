@@ -55,6 +55,20 @@ def test_gpu_backend_calls_match_reference_through_contract_double(declared, hea
         assert rel_err(a, b) <= 1e-6, name
 
 
+@pytest.mark.parametrize("declared", sorted(DECLARED))
+def test_strided_inputs_are_made_contiguous_before_the_kernels(declared, monkeypatch):
+    """q, k, v as transposed views ([H, T, D] storage, as a model's attention hands them) are not a contract break."""
+    module = use_doubles(monkeypatch, declared)
+    layout = PrefixGroupLayout.from_lengths([9, 4], [[3, 1], [5]])
+    q, k, v = (torch.randn(h, layout.num_tokens, 16, dtype=torch.float64).transpose(0, 1).requires_grad_()
+               for h in (4, 2, 2))
+    assert not q.is_contiguous()
+    out = through(module)(q, k, v, layout)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    same = through(cpu)(*(x.detach().contiguous().requires_grad_() for x in (q, k, v)), layout)
+    assert rel_err(out, same) <= 1e-6 and all(g.shape == x.shape for g, x in zip(grads, (q, k, v)))
+
+
 # ---------------------------------------------------------------- flash-attn versions
 @pytest.mark.parametrize("version, convention", [
     ("2.6.0", "2.6"), ("2.6.3", "2.6"), ("2.7.0", "2.7"), ("2.7.0.post2", "2.7"), ("2.7.4.post1", "2.7"),

@@ -124,7 +124,7 @@ def available(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (x.contiguous() for x in (q, k, v))
     if kn.convention == "2.6":
         result = kn.forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal, (-1, -1), 0.0, None, False)
         out, _q, _k, _v, _out_padded, lse, _s, _rng = returned(result, 8, NAME, kn.label, "forward")
@@ -136,8 +136,9 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
+    dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     window = ((-1, -1),) if kn.convention == "2.6" else (-1, -1)
-    kn.backward(dout.contiguous(), q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
+    kn.backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
                 0.0, scale, causal, *window, 0.0, None, False, None)
     return check_backward(NAME, kn.label, q, k, v, dq, dk, dv)

@@ -111,7 +111,8 @@ def available(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
-    result = kn.forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    result = kn.forward(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                         max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale, causal=causal)
     out, lse, _out_accum, _lse_accum = returned(result, 4, NAME, kn.label, "forward")
     return check_forward(NAME, kn.label, q, out, lse)
@@ -119,7 +120,8 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
+    dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kn.backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+    kn.backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                 max_seqlen_k=max_k, dq=dq, dk=dk, dv=dv, softmax_scale=scale, is_causal=causal)
     return check_backward(NAME, kn.label, q, k, v, dq, dk, dv)

@@ -74,6 +74,7 @@ def kernels() -> Kernels:
 
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
+    q, k, v = (x.contiguous() for x in (q, k, v))
     result = kn.forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
     out, lse, _rng, _unused, _mask = returned(result, 5, NAME, kn.label, "forward")
     return check_forward(NAME, kn.label, q, out, lse)
@@ -81,9 +82,10 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     kn = kernels()
+    dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.empty(0, device=q.device)
-    result = kn.backward(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng_state,
+    result = kn.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng_state,
                          unused, scale=scale)
     dq, dk, dv = returned(result, 3, NAME, kn.label, "backward")
     return check_backward(NAME, kn.label, q, k, v, dq, dk, dv)

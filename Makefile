@@ -1,10 +1,11 @@
 # make test  - set up .venv if missing (CPU torch pinned when there is no CUDA) and run the tests
 # make demo  - the default GRPO job: two CPU ranks through the deepspeed launcher, tiny model
+# make gpu-check - on a GPU machine, first: conformance tests (-m cuda) + GPU bench presets -> docs/gpu-check.md
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench install clean gpu-check
 
 install: $(STAMP)
 
@@ -18,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py \

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_logprobs --preset ci                # CPU, fp32, 4 layers, h256
     python -m benchmarks.bench_logprobs --preset h100              # CUDA, bf16, Qwen2.5-1.5B shape
+    python -m benchmarks.bench_logprobs --preset gpu               # CUDA, bf16, Qwen2.5-0.5B shape, fits 24 GB
     python -m benchmarks.bench_logprobs --preset h100 --max-prompt # longest P that fits at G=16, S=1024
     python -m benchmarks.bench_logprobs --preset ci --step         # the whole GRPO update step
     python -m benchmarks.bench_logprobs --preset ci -P 64 -S 16 -G 2 4 --repeats 2 --out /tmp/bench
@@ -61,6 +62,8 @@ class Preset:
 PRESETS = {
     "ci": Preset("cpu", "float32", "tiny", (512, 2048), (128,), (2, 4, 8), warmup=1, repeats=3, threads=1),
     "h100": Preset("cuda", "bfloat16", "1.5b", (2048, 8192), (512,), (4, 8, 16), warmup=2, repeats=10, threads=0),
+    # any CUDA GPU with 24 GB (make gpu-check runs it everywhere, h100 only on >= 70 GiB)
+    "gpu": Preset("cuda", "bfloat16", "0.5b", (2048,), (256,), (4, 8), warmup=2, repeats=5, threads=0),
 }
 
 

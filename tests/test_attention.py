@@ -1,16 +1,12 @@
 """prefix_grouper_attention against the repeated-prefix reference: outputs and gradients, random layouts."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pg_deepspeed import PrefixGroupLayout, prefix_grouper_attention
-from pg_deepspeed.attention import cpu, flash, torch_cuda
-from pg_deepspeed.attention.function import PrefixGroupedAttention
+from pg_deepspeed.attention import cpu
 from reference import repeated_prefix_attention
-import doubles
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,30 +140,6 @@ def test_cpu_matmul_path_matches_fused_kernel():
         )
         for a, b in zip(cpu._math_backward(dout, q, k, v, out, lse, causal, 0.2), grads):
             assert torch.allclose(a, b, atol=1e-12)
-
-
-# ---------------------------------------------------------------- GPU backends through contract doubles
-# (backend module, its attribute holding the kernels, the contract doubles of those kernels)
-KERNEL_DOUBLES = {
-    "flash_attn": (flash, "_kernels", doubles.flash_attn_varlen_forward, doubles.flash_attn_varlen_backward),
-    "torch": (torch_cuda, "kernels", doubles.aten_flash_attention_forward, doubles.aten_flash_attention_backward),
-}
-
-
-@pytest.mark.parametrize("backend", sorted(KERNEL_DOUBLES))
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
-@pytest.mark.parametrize("suffix", [[[5, 1, 17], [9], [40, 3]], [[5], [9], [40]]], ids=["grouped", "single"])
-def test_gpu_backend_calls_match_reference_through_contract_double(backend, heads, suffix, monkeypatch):
-    """Our calls into the flash kernels (cu_seqlens, lse layout, merged out/lse in backward) are exact.
-
-    The contract's lse is float32, so float64 inputs agree to float32 precision of the merge weights.
-    """
-    module, attribute, forward, backward = KERNEL_DOUBLES[backend]
-    monkeypatch.setattr(module, attribute, SimpleNamespace(forward=forward, backward=backward))
-    attention = lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout, module, q.shape[-1] ** -0.5)
-    ours, ref = run_both([33, 8, 120], suffix, *heads, 64, torch.float64, attention=attention)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
-        assert rel_err(a, b) <= 1e-6, name
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,14 +1,16 @@
 """Prefix-grouped attention: `prefix_grouper_attention` and its backends.
 
-Backends (one module each, one contract, see `cpu.py`):
-  "flash_attn"  the flash-attn package's varlen kernels (CUDA, fp16/bf16)
-  "torch"       PyTorch's own CUDA flash varlen kernels (CUDA, fp16/bf16)
-  "cpu"         per-sequence fused CPU kernel; a matmul path on other devices; any dtype
-  "auto"        the first of those that can run on the inputs
+Backends (one module each, one contract, see `cpu.py`; `contract.py` checks what the GPU kernels return):
+  "flash_attn_3"  FlashAttention-3's varlen kernels (CUDA sm80+, fp16/bf16; built from flash-attn's hopper/)
+  "flash_attn"    the flash-attn package's varlen kernels, 2.6.0 to 2.8.x (CUDA sm80+, fp16/bf16)
+  "torch"         PyTorch's own CUDA flash varlen kernels (CUDA sm80+, fp16/bf16, not ROCm)
+  "cpu"           per-sequence fused CPU kernel; a matmul path on other devices; any dtype
+  "auto"          the first of those that can run on the inputs
 """
 from __future__ import annotations
 
 import math
+import warnings
 from types import ModuleType
 
 import torch
@@ -16,20 +18,39 @@ from torch import Tensor
 
 from ..layout import PrefixGroupLayout
 from ..tree import PrefixTreeLayout
-
-Layout = PrefixGroupLayout | PrefixTreeLayout
-from . import cpu, flash, torch_cuda
+from . import cpu, flash, flash3, torch_cuda
 from .function import PrefixGroupedAttention
 
-BACKENDS: dict[str, ModuleType] = {"flash_attn": flash, "torch": torch_cuda, "cpu": cpu}
+Layout = PrefixGroupLayout | PrefixTreeLayout
+
+BACKENDS: dict[str, ModuleType] = {"flash_attn_3": flash3, "flash_attn": flash, "torch": torch_cuda, "cpu": cpu}
+_warned_slow: set[tuple[str, torch.dtype]] = set()
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """The backend module for `name` ("auto" picks the fastest that can run); raises if it cannot run."""
+    """The backend module for `name` ("auto" picks the fastest that can run); raises if it cannot run.
+
+    When "auto" lands on "cpu" for a CUDA device (float32, or no usable GPU kernel) it warns once per
+    dtype: that path loops over sequences in Python with matmul attention, far slower than a fused kernel.
+    """
     if name == "auto":
-        for module in BACKENDS.values():
-            if module.available(device, dtype) is None:
-                return module
+        reasons = []  # why each backend before the chosen one cannot run
+        for chosen, module in BACKENDS.items():
+            reason = module.available(device, dtype)
+            if reason is None:
+                break
+            reasons.append(reason)
+        if chosen == "cpu" and device.type != "cpu" and (device.type, dtype) not in _warned_slow:
+            _warned_slow.add((device.type, dtype))
+            why = "; ".join(reasons)
+            warnings.warn(
+                f"attention backend 'auto' on {device.type} with {dtype} falls back to backend 'cpu', a Python "
+                f"loop of one matmul attention per sequence, much slower than a fused kernel ({why}). Load the "
+                "model in bfloat16 or float16 to use a fused GPU kernel, or pass backend='cpu' to choose this "
+                "path explicitly.",
+                RuntimeWarning, stacklevel=2,
+            )
+        return BACKENDS[chosen]
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
     reason = BACKENDS[name].available(device, dtype)

@@ -85,3 +85,25 @@ def flop_count(shape: ModelShape, P: int, S: int, G: int, *, grouped: bool) -> F
 def flop_limit(shape: ModelShape, P: int, S: int, G: int) -> float:
     """The largest speedup prefix grouping can give: baseline FLOPs / grouped FLOPs."""
     return flop_count(shape, P, S, G, grouped=False).total / flop_count(shape, P, S, G, grouped=True).total
+
+
+def forest_work(parents: list[int], lengths: list[int]) -> tuple[int, int]:
+    """(tokens, exact attended pairs) of a packed forest: each segment causally over itself, fully over every
+    ancestor (a two-level group and the standard forward are forests too)."""
+    before = [0] * len(parents)  # tokens on the path above each segment
+    pairs = 0
+    for s, (p, n) in enumerate(zip(parents, lengths)):
+        before[s] = 0 if p < 0 else before[p] + lengths[p]
+        pairs += n * before[s] + n * (n + 1) // 2
+    return sum(lengths), pairs
+
+
+def forest_flops(shape: ModelShape, parents: list[int], lengths: list[int], predicted_tokens: int) -> FlopCount:
+    """Forward+backward FLOPs (3x forward) of a log-prob pass over a packed forest, the LM head on
+    `predicted_tokens` rows."""
+    tokens, pairs = forest_work(parents, lengths)
+    return FlopCount(
+        linear=3.0 * tokens * linear_flops_per_token(shape),
+        attention=3.0 * pairs * attention_flops_per_pair(shape),
+        lm_head=3.0 * predicted_tokens * 2 * shape.hidden * shape.vocab,
+    )

@@ -125,3 +125,26 @@ def test_cpu_preset_smoke_run_writes_finite_outputs(tmp_path):
     assert all(math.isfinite(x) for x in numbers)
     assert (tmp_path / "bench_logprobs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "agreement" in done.stdout
+
+
+def test_forest_work_by_hand_and_the_two_level_counts_agree():
+    from benchmarks.flops import forest_flops, forest_work
+
+    # root of 3, a child of 2 under it, a grandchild of 1: pairs 6 + (2*3 + 3) + (1*5 + 1) = 21
+    assert forest_work([-1, 0, 1], [3, 2, 1]) == (6, 21)
+    shape = get_shape("tiny")
+    grouped = forest_flops(shape, [-1, 0, 0, 0], [2048, 128, 128, 128], 3 * 128)
+    assert grouped.total == pytest.approx(flop_count(shape, 2048, 128, 3, grouped=True).total, rel=1e-12)
+    standard = forest_flops(shape, [-1] * 3, [2048 + 128] * 3, 3 * 128)
+    assert standard.total == pytest.approx(flop_count(shape, 2048, 128, 3, grouped=False).total, rel=1e-12)
+
+
+def test_tree_benchmark_smoke_run_writes_its_table(tmp_path):
+    """The three variants agree (checked inside) and the tree's FLOP limit exceeds two levels'."""
+    from benchmarks import bench_tree
+
+    rows = bench_tree.run(bench_tree.PRESETS["smoke"], threads=1)
+    limits = {r["variant"]: r["flop_limit"] for r in rows}
+    assert limits["standard"] == 1.0 and limits["tree"] > limits["two_level"] > 1.0
+    bench_tree.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert "| tree |" in (tmp_path / "tree_smoke.md").read_text()

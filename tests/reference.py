@@ -48,7 +48,7 @@ def repeated_prefix_attention(q, k, v, prefix_lens, suffix_lens, scale=None, sin
     return out
 
 
-def tree_path_attention(q, k, v, parents, lengths, scale=None):
+def tree_path_attention(q, k, v, parents, lengths, scale=None, sinks=None):
     """Every segment's rows computed from its own root-to-segment path alone: dense causal attention over the
     concatenated path tokens, the segment's rows kept. q, k, v: packed [T, H, D] in segment order."""
     starts = [0]
@@ -61,7 +61,7 @@ def tree_path_attention(q, k, v, parents, lengths, scale=None):
             path.append(node)
             node = parents[node]
         rows = torch.cat([torch.arange(starts[n], starts[n + 1]) for n in reversed(path)])
-        out[starts[s]:starts[s + 1]] = dense_causal_attention(q[rows], k[rows], v[rows], scale)[-lengths[s]:]
+        out[starts[s]:starts[s + 1]] = dense_causal_attention(q[rows], k[rows], v[rows], scale, sinks)[-lengths[s]:]
     return out
 
 

@@ -11,10 +11,11 @@ import torch
 
 import doubles
 import pg_deepspeed.attention as attention
-from pg_deepspeed import PrefixGroupLayout
+from pg_deepspeed import PrefixGroupLayout, PrefixTreeLayout
 from pg_deepspeed.attention import cpu, flash, flash3, resolve_backend, torch_cuda
 from pg_deepspeed.attention.contract import DeviceFacts, KernelContractError
 from pg_deepspeed.attention.function import PrefixGroupedAttention
+from reference import tree_path_attention
 from test_attention import rel_err, run_both
 
 # every declared calling convention: (backend module, version or label, forward double, backward double)
@@ -52,6 +53,24 @@ def test_gpu_backend_calls_match_reference_through_contract_double(declared, hea
     module = use_doubles(monkeypatch, declared)
     ours, ref = run_both([33, 8, 120], suffix, *heads, 64, torch.float64, attention=through(module))
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, b) <= 1e-6, name
+
+
+@pytest.mark.parametrize("declared", sorted(DECLARED))
+def test_a_tree_with_sinks_is_exact_through_every_declared_contract(declared, monkeypatch):
+    """Depth 3, a fused chain, a row that is a cross query once per ancestor run, and sinks, through the doubles."""
+    module = use_doubles(monkeypatch, declared)
+    parents, lengths = [-1, 0, 1, 1, 0, 4, -1, 6], [37, 9, 5, 1, 12, 3, 20, 4]
+    layout = PrefixTreeLayout.from_parents(parents, lengths)
+    torch.manual_seed(0)
+    q = torch.randn(layout.num_tokens, 4, 64, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(layout.num_tokens, 2, 64, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(layout.num_tokens, 4, 64, dtype=torch.float64)
+    ours = PrefixGroupedAttention.apply(q, k, v, layout, module, 0.125, sinks)
+    ref = tree_path_attention(q, k, v, parents, lengths, 0.125, sinks)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), (ours, *torch.autograd.grad(ours, (q, k, v, sinks), dout)),
+                          (ref, *torch.autograd.grad(ref, (q, k, v, sinks), dout))):
         assert rel_err(a, b) <= 1e-6, name
 
 

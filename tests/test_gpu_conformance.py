@@ -165,3 +165,50 @@ def test_auto_in_float32_on_cuda_warns_about_the_slow_loop(monkeypatch):
     monkeypatch.setattr(attention, "_warned_slow", set())
     with pytest.warns(RuntimeWarning, match="falls back to backend 'cpu'"):
         assert resolve_backend("auto", CUDA, torch.float32) is cpu
+
+
+# (parents, lengths, Hq, Hkv): depth 3, a fused chain, a wide node, two roots
+TREES = {"depth3-gqa": ([-1, 0, 1, 1, 0, 4, 4, 4, -1, 8], [517, 33, 9, 1, 128, 65, 3, 200, 300, 7], 8, 2)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_tree_with_sinks_on_gpu_matches_cpu_backend(backend, dtype_name, tree):
+    """Trees send a row through the cross pass once per ancestor run, and sinks enter last: both on the kernels.
+
+    bfloat16 bound: 2 x the error of the dense per-path reference run in bfloat16 on the GPU, + 1e-3, <= 3e-2.
+    """
+    from pg_deepspeed import PrefixTreeLayout
+    from reference import tree_path_attention
+
+    dtype = DTYPES[dtype_name]
+    reason = BACKENDS[backend].available(CUDA, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    parents, lengths, hq, hkv = TREES[tree]
+    layout = PrefixTreeLayout.from_parents(parents, lengths)
+    torch.manual_seed(7)
+    T, d = layout.num_tokens, 128
+    q, dout = (torch.randn(T, hq, d, device=CUDA).to(dtype) for _ in range(2))
+    k, v = (torch.randn(T, hkv, d, device=CUDA).to(dtype) for _ in range(2))
+    sinks = torch.randn(hq, device=CUDA)
+
+    def grads(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return (out, *torch.autograd.grad(out, xs, dout.to(out.dtype)))
+
+    ours = grads(lambda q, k, v, s: prefix_grouper_attention(q, k, v, layout.to(CUDA), backend=backend, sinks=s),
+                 q, k, v, sinks)
+    exact = grads(lambda q, k, v, s: prefix_grouper_attention(q, k, v, layout, backend="cpu", sinks=s),
+                  *(x.double().cpu() for x in (q, k, v, sinks)))
+    if dtype == torch.float32:
+        bounds = [1e-5] * 5
+    else:
+        dense = grads(lambda q, k, v, s: tree_path_attention(q, k, v, parents, lengths, None, s), q, k, v, sinks)
+        bounds = [min(2 * rel_err(p, e) + 1e-3, 3e-2) for p, e in zip(dense, exact)]
+    for name, a, b, bound in zip(("out", "dq", "dk", "dv", "dsinks"), ours, exact, bounds):
+        err = rel_err(a, b)
+        record(backend=backend, dtype=dtype_name, d=d, case=f"tree-{tree}-sinks", tensor=name, rel_err=err, bound=bound)
+        assert err <= bound, f"{backend} {dtype_name} tree {tree}: {name} rel err {err:.2e} > {bound:.2e}"

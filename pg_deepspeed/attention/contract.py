@@ -9,6 +9,7 @@ and backward): metadata only (shape, dtype, device, contiguity), no device synch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -16,6 +17,17 @@ from torch import Tensor
 
 class KernelContractError(RuntimeError):
     """A kernel returned something other than what its backend was written for."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A backend's forward/backward kernels (or their contract doubles), where they come from (`label`, quoted in
+    every contract error) and, where a backend declares several, the calling convention they follow."""
+
+    label: str
+    forward: Callable
+    backward: Callable
+    convention: str = ""
 
 
 def _problems(name: str, x: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[str]:

@@ -28,13 +28,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from packaging.version import InvalidVersion, Version
 
-from .contract import DeviceFacts, check_backward, check_forward, half_on_cuda, probe, returned
+from .contract import DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda, probe, returned
 
 NAME = "flash_attn"
 SUPPORTED = "2.6.0 to 2.8.x"  # keep in step with setup.cfg's `flash` extra
@@ -72,26 +71,12 @@ def decide(version: str | None, facts: DeviceFacts, dtype: torch.dtype) -> str |
     return half_on_cuda(NAME, facts, dtype)
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """flash-attn's varlen forward/backward and the calling convention of the version they come from."""
-
-    version: str
-    convention: str
-    forward: Callable
-    backward: Callable
-
-    @property
-    def label(self) -> str:
-        return f"flash-attn {self.version}, {self.convention} calling convention"
-
-
 def bind(version: str, forward: Callable, backward: Callable) -> Kernels:
     """Kernels for `version`; raises for a version whose calling convention is not declared here."""
     convention = calling_convention(version)
     if convention is None:
         raise RuntimeError(f"backend {NAME!r} supports flash-attn {SUPPORTED}, got {version}")
-    return Kernels(version, convention, forward, backward)
+    return Kernels(f"flash-attn {version}, {convention} calling convention", forward, backward, convention)
 
 
 _kernels: Kernels | None = None

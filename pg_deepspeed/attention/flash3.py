@@ -22,12 +22,11 @@ import functools
 import importlib
 import importlib.util
 import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .contract import check_backward, check_forward, half_on_cuda, probe, returned
+from .contract import Kernels, check_backward, check_forward, half_on_cuda, probe, returned
 
 NAME = "flash_attn_3"
 MODULE = "flash_attn_interface"
@@ -59,15 +58,6 @@ def signature_problem(forward: Callable, backward: Callable) -> str | None:
         return (f"backend {NAME!r} is written for FlashAttention-3's interface of 2025-08 or later; the installed "
                 f"{MODULE} differs: " + "; ".join(found))
     return None
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """FA3's forward/backward (or their contract doubles) and where they come from."""
-
-    label: str
-    forward: Callable
-    backward: Callable
 
 
 def bind(label: str, forward: Callable, backward: Callable) -> Kernels:

@@ -17,12 +17,11 @@ varlen lse (pytorch issue #187872, PR #187899), so that `auto` falls through ins
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .contract import DeviceFacts, check_backward, check_forward, half_on_cuda, probe, returned
+from .contract import DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda, probe, returned
 
 NAME = "torch"
 
@@ -49,15 +48,6 @@ def available(device: torch.device, dtype: torch.dtype) -> str | None:
 def _flash_built() -> bool:
     """Whether this PyTorch build has its CUDA flash-attention kernels."""
     return torch.backends.cuda.is_flash_attention_available()
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """The two aten ops (or their contract doubles) and the torch version they come from."""
-
-    label: str
-    forward: Callable
-    backward: Callable
 
 
 def bind(label: str, forward: Callable, backward: Callable) -> Kernels:

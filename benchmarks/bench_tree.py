@@ -1,7 +1,9 @@
 """Log-prob pass over prompts that share a preamble: the standard forward, two levels and the tree, side by side.
 
-    python -m benchmarks.bench_tree --preset ci       # the issue's shape: 8 prompts share a 4096-token preamble,
-                                                      # each a 512-token question and G=8 completions of 128
+    python -m benchmarks.bench_tree --preset ci       # 8 prompts share a 4096-token preamble, each a 512-token
+                                                      # question and G=8 completions of 128 (one timed repeat:
+                                                      # the standard forward alone takes ~15 minutes on 1 core)
+    python -m benchmarks.bench_tree --preset quarter  # the same at a quarter of every length, median of 3
     python -m benchmarks.bench_tree --preset smoke    # seconds; what tests/test_bench.py runs
 
 Variants (one process, one model, interleaved with a rotating order after a warm-up), each log-probs + backward:
@@ -43,7 +45,8 @@ class Preset:
 
 
 PRESETS = {
-    "ci": Preset("tiny", prompts=8, preamble=4096, question=512, group_size=8, completion=128, warmup=1, repeats=3),
+    "ci": Preset("tiny", prompts=8, preamble=4096, question=512, group_size=8, completion=128, warmup=0, repeats=1),
+    "quarter": Preset("tiny", prompts=8, preamble=1024, question=128, group_size=8, completion=32, warmup=1, repeats=3),
     "smoke": Preset("tiny", prompts=3, preamble=48, question=8, group_size=2, completion=4, warmup=0, repeats=1),
 }
 

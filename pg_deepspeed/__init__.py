@@ -4,7 +4,10 @@ from .layout import PrefixGroupLayout
 from .tree import PrefixTreeLayout
 
 __version__ = "0.1.0"
-__all__ = ["PrefixGroupLayout", "PrefixTreeLayout", "prefix_grouper_attention", "patch_model", "completion_logprobs", "__version__"]
+__all__ = [
+    "PrefixGroupLayout", "PrefixTreeLayout", "prefix_grouper_attention", "patch_model", "completion_logprobs",
+    "token_logprobs", "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -13,8 +16,8 @@ def __getattr__(name: str):
         from .patch import patch_model
 
         return patch_model
-    if name == "completion_logprobs":
-        from .logprobs import completion_logprobs
+    if name in ("completion_logprobs", "token_logprobs"):
+        from . import logprobs
 
-        return completion_logprobs
+        return getattr(logprobs, name)
     raise AttributeError(f"module 'pg_deepspeed' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .plan import AttentionPlan, build_plan
+from .plan import AttentionPlan, build_plan, path_predecessors
 
 GroupSize = Union[int, Sequence[int]]
 
@@ -39,6 +39,7 @@ class PrefixGroupLayout:
     | cu_groups        | [B+1]   | int32 offsets of each whole group in the packed order          |
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
+    | predecessor      | [T]     | packed index of the token before each one on its sequence (-1 first) |
     | plan             |         | the attention passes (plan.py): the prefixes and suffixes as a forest of depth 1 |
     """
 
@@ -63,6 +64,7 @@ class PrefixGroupLayout:
     single_member: bool
     completion_width: int
     num_tokens: int
+    predecessor: Tensor
     plan: AttentionPlan
 
     @property
@@ -254,6 +256,7 @@ class PrefixGroupLayout:
             single_member=all(g == 1 for g in sizes),
             completion_width=int(width),
             num_tokens=T,
+            predecessor=path_predecessors(seg_len.tolist(), _group_parents(sizes), device),
             plan=build_plan(seg_len.tolist(), _group_parents(sizes), device),
         )
 

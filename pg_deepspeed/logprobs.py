@@ -142,6 +142,62 @@ def _check_inputs(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
         raise ValueError(f"prompt and completion tensors are on different devices: {sorted(map(str, devices))}")
 
 
+def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, targets: Tensor, temperature: float,
+                    return_entropy: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
+    """One packed forward; the LM head on the predecessor of each target token only -> ([R], [R] or None)."""
+    if bool((layout.predecessor[targets] < 0).any()):
+        raise ValueError("a target is the first token of a root segment: nothing before it predicts it")
+    _begin_engine_forward(model)
+    out = _decoder(hf)(input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout,
+                       use_cache=False)
+    hidden = out[0][0]  # [T, H]
+    transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
+    return chunked_head_logprobs(hf.get_output_embeddings(), hidden[layout.predecessor[targets]], ids[targets],
+                                 transform, chunk_size, return_entropy)
+
+
+def _check_options(temperature: float, chunk_size: int) -> None:
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _patched(model: nn.Module) -> PreTrainedModel:
+    """The patched HF model inside `model`, with an LM head; raises naming what is missing."""
+    hf = unwrap_model(model)
+    if getattr(hf, "_prefix_grouper", None) is None:
+        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
+    if hf.get_output_embeddings() is None:
+        raise ValueError(f"{type(hf).__name__} has no LM head (get_output_embeddings() is None)")
+    return hf
+
+
+def token_logprobs(
+    model: nn.Module,
+    ids: Tensor,
+    layout,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs [R] (float32) of the packed tokens at `targets`, each given everything before it on its path.
+
+    The general form of `completion_logprobs` for any layout: a `PrefixTreeLayout` of multi-turn branches or a
+    sampling tree, ids [T] packed in its order (`pack_rows`), targets [R] the packed indices to score (for
+    example every assistant token). Same model, temperature and chunking rules as `completion_logprobs`.
+    """
+    _check_options(temperature, chunk_size)
+    hf = _patched(model)
+    if ids.dim() != 1 or ids.shape[0] != layout.num_tokens:
+        raise ValueError(f"ids must be the packed [T] = [{layout.num_tokens}] token ids, got {tuple(ids.shape)}")
+    logps, entropies = _token_logprobs(model, hf, ids, layout, targets.to(ids.device), temperature, return_entropy,
+                                       chunk_size)
+    return (logps, entropies) if return_entropy else logps
+
+
 def completion_logprobs(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -178,18 +234,10 @@ def completion_logprobs(
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     sizes = _group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_options(temperature, chunk_size)
     if isinstance(preamble, bool) or not isinstance(preamble, int) or preamble < 0:
         raise ValueError(f"preamble must be a non-negative int, got {preamble!r}")
-    hf = unwrap_model(model)
-    if getattr(hf, "_prefix_grouper", None) is None:
-        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
-    lm_head = hf.get_output_embeddings()
-    if lm_head is None:
-        raise ValueError(f"{type(hf).__name__} has no LM head (get_output_embeddings() is None)")
+    hf = _patched(model)
 
     if not prefix_grouping:
         repeats = torch.tensor(sizes, device=prompt_ids.device)
@@ -197,17 +245,8 @@ def completion_logprobs(
         sizes = [1] * len(completion_ids)
         preamble = 0
     packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble)
-    layout = packing.layout
-    _begin_engine_forward(model)
-
-    out = _decoder(hf)(
-        input_ids=packing.ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
-    )
-    hidden = out[0][0]  # [T, H]
-    transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
-    logps, entropies = chunked_head_logprobs(
-        lm_head, hidden[packing.predictors], packing.ids[packing.targets], transform, chunk_size, return_entropy
-    )
+    logps, entropies = _token_logprobs(model, hf, packing.ids, packing.layout, packing.targets, temperature,
+                                       return_entropy, chunk_size)
     # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
     keep = completion_mask.bool()
     logps = packing.unpack(logps).where(keep, 0.0)

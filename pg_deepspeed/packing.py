@@ -24,17 +24,15 @@ from .tree import PrefixTreeLayout
 class CompletionPacking:
     """| field      | shape | meaning                                                          |
     |------------|-------|------------------------------------------------------------------|
-    | layout     |       | what attention sees                                              |
+    | layout     |       | what attention sees (its `predecessor` predicts each token)      |
     | ids        | [T]   | packed token ids                                                 |
     | targets    | [Ts]  | packed index of each completion token                            |
-    | predictors | [Ts]  | packed index of the token whose hidden state predicts it         |
     | rows, cols | [Ts]  | (completion, column) of each completion token in the [N, Lc] batch |
     """
 
     layout: PrefixGroupLayout | PrefixTreeLayout
     ids: Tensor
     targets: Tensor
-    predictors: Tensor
     rows: Tensor
     cols: Tensor
     num_completions: int
@@ -68,10 +66,7 @@ def pack_completions(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Te
     groups = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, list(sizes))
     ids = groups.pack(prompt_ids, completion_ids)
     if preamble == 0:
-        last_prompt_token = groups.prefix_index[groups.cu_prefix[1:].long() - 1]
-        first = last_prompt_token[groups.member_group[groups.suffix_row]]
-        predictors = torch.where(groups.suffix_col == 0, first, groups.suffix_index - 1)
-        return CompletionPacking(groups, ids, groups.suffix_index, predictors, groups.suffix_row, groups.suffix_col,
+        return CompletionPacking(groups, ids, groups.suffix_index, groups.suffix_row, groups.suffix_col,
                                  groups.num_members, groups.completion_width)
     return _with_preamble(groups, ids, preamble)
 
@@ -87,7 +82,7 @@ def _with_preamble(groups: PrefixGroupLayout, ids: Tensor, n: int) -> Completion
     for g in range(1, len(P)):
         if not torch.equal(ids[starts[g]: starts[g] + n], preamble):
             raise ValueError(f"prompt {g} does not begin with the {n}-token preamble of prompt 0")
-    parents, lengths, keep, member_segments = [-1], [n], [torch.arange(n, device=ids.device)], []
+    parents, lengths, keep = [-1], [n], [torch.arange(n, device=ids.device)]
     member = 0
     for g in range(len(P)):
         parent = 0
@@ -97,7 +92,6 @@ def _with_preamble(groups: PrefixGroupLayout, ids: Tensor, n: int) -> Completion
             parent = len(parents) - 1
         keep.append(torch.arange(starts[g] + n, starts[g + 1], device=ids.device))
         for _ in range(G[g]):
-            member_segments.append(len(parents))
             parents.append(parent)
             lengths.append(S[member])
             member += 1
@@ -105,10 +99,5 @@ def _with_preamble(groups: PrefixGroupLayout, ids: Tensor, n: int) -> Completion
     layout = PrefixTreeLayout.from_parents(parents, lengths, ids.device)
     new_index = torch.full((groups.num_tokens,), -1, dtype=torch.long, device=ids.device)
     new_index[order] = torch.arange(order.numel(), device=ids.device)
-    targets = new_index[groups.suffix_index]
-    # token 0 of a completion is predicted by the last token before its segment: its prompt's (or the preamble's)
-    parent_of_member = layout.parents[torch.tensor(member_segments, dtype=torch.long, device=ids.device)]
-    first = layout.cu_segments.long()[parent_of_member + 1] - 1
-    predictors = torch.where(groups.suffix_col == 0, first[groups.suffix_row], targets - 1)
-    return CompletionPacking(layout, ids[order], targets, predictors, groups.suffix_row, groups.suffix_col,
+    return CompletionPacking(layout, ids[order], new_index[groups.suffix_index], groups.suffix_row, groups.suffix_col,
                              groups.num_members, groups.completion_width)

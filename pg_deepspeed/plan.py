@@ -114,3 +114,18 @@ def build_plan(lengths: Sequence[int], parents: Sequence[int], device: torch.dev
         max_cross_k=max((run_len[a] for a in owners), default=0),
         cross_rows_unique=all(len(anc) <= 1 for anc in ancestors),
     )
+
+
+def path_predecessors(lengths: Sequence[int], parents: Sequence[int], device: torch.device) -> Tensor:
+    """[T] packed index of the token before each token on its path: the one before it in its segment, or its
+    parent's last token for a segment's first token; -1 for the first token of a root. The hidden state there
+    is what predicts the token (next-token log-probs)."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    T = starts[-1]
+    before = torch.arange(-1, T - 1, dtype=torch.long, device=device)
+    firsts = torch.tensor(starts[:-1], dtype=torch.long, device=device)
+    parent_last = torch.tensor([starts[p + 1] - 1 if p >= 0 else -1 for p in parents], dtype=torch.long,
+                               device=device)
+    return before.index_copy(0, firsts, parent_last)

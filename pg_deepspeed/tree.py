@@ -13,6 +13,7 @@ sampling tree.
 | cu_segments   | [S+1]  | int32 offsets of the segments in the packed row                |
 | position_ids  | [T]    | position along the token's path                                |
 | depth         | [S]    | ancestors of each segment                                      |
+| predecessor   | [T]    | packed index of the token before each one on its path (-1 first) |
 | row_leaf      | [R]    | `from_rows` only: the segment each input row ends in           |
 | plan          |        | the attention passes (plan.py)                                 |
 """
@@ -24,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .plan import AttentionPlan, build_plan
+from .plan import AttentionPlan, build_plan, path_predecessors
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +37,7 @@ class PrefixTreeLayout:
     cu_segments: Tensor
     position_ids: Tensor
     depth: Tensor
+    predecessor: Tensor
     plan: AttentionPlan
     num_tokens: int
     longest_path: int
@@ -141,6 +143,7 @@ class PrefixTreeLayout:
             cu_segments=cu.to(torch.int32),
             position_ids=torch.tensor(start_pos, **i64)[seg_of_token] + local,
             depth=torch.tensor(depth, **i64),
+            predecessor=path_predecessors(lengths, parents, device),
             plan=build_plan(lengths, parents, device),
             num_tokens=T,
             longest_path=max(s + n for s, n in zip(start_pos, lengths)),

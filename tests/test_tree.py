@@ -189,3 +189,38 @@ def test_a_three_level_batch_through_patch_model_equals_each_sequence_alone(fami
         for r, row in enumerate(rows):
             alone = reference.model(input_ids=torch.tensor(row)[None]).last_hidden_state[0]
             assert (hidden[index[r, : lengths[r]]] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_token_logprobs_over_a_multi_turn_tree_equal_each_conversation_alone(family):
+    """Conversations that share their first turns and branch later, every non-first token scored, with gradients."""
+    from pg_deepspeed import token_logprobs
+
+    reference = tiny_causal_lm(family)
+    model = patch_model(copy.deepcopy(reference))
+    g = torch.Generator().manual_seed(1)
+    tok = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()
+    turn1, turn2a, turn2b = tok(12), tok(6), tok(5)
+    rows = [turn1 + turn2a + tok(4), turn1 + turn2a + tok(7), turn1 + turn2b + tok(3), tok(9)]
+    layout = PrefixTreeLayout.from_rows(rows, min_shared=3)
+    assert layout.depth.max() == 2
+    ids = layout.pack_rows(rows)
+    targets = torch.nonzero(layout.predecessor >= 0).squeeze(1)
+    logps = token_logprobs(model, ids, layout, targets)
+    index, lengths = layout.path_index()
+    scored = torch.zeros(layout.num_tokens).index_put((targets,), logps)
+    (-scored.sum()).backward()
+    paths = [index[r, : lengths[r]].tolist() for r in range(len(rows))]
+    row_logps = [torch.log_softmax(reference(input_ids=torch.tensor(row)[None]).logits[0].float(), -1) for row in rows]
+    for r, row in enumerate(rows):
+        alone = row_logps[r][:-1].gather(1, torch.tensor(row)[1:, None]).squeeze(1)
+        assert (scored[paths[r][1:]].detach() - alone).abs().max() <= 1e-5
+    # the reference loss counts each tree token once, read from the first row whose path holds it
+    ref_loss = 0.0
+    for t in targets.tolist():
+        r = next(r for r, path in enumerate(paths) if t in path)
+        ref_loss = ref_loss - row_logps[r][paths[r].index(t) - 1, int(ids[t])]
+    ref_loss.backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        if b.grad is not None and b.grad.norm() > 0:
+            assert ((a.grad - b.grad).norm() / b.grad.norm()) <= 1e-4, name

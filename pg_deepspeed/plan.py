@@ -52,7 +52,7 @@ class AttentionPlan:
         return AttentionPlan(**fields)
 
 
-def _runs_to_index(starts: list[int], lengths: list[int], device: torch.device) -> Tensor:
+def runs_to_index(starts: list[int], lengths: list[int], device: torch.device) -> Tensor:
     """Concatenation of range(start, start + length) for each run, as one long tensor."""
     i64 = dict(dtype=torch.long, device=device)
     lens = torch.tensor(lengths, **i64)
@@ -106,8 +106,8 @@ def build_plan(lengths: Sequence[int], parents: Sequence[int], device: torch.dev
     return AttentionPlan(
         cu_causal=_offsets(run_len, device),
         max_causal=max(run_len),
-        cross_q=_runs_to_index([run_first[r] for r in q_runs], [run_len[r] for r in q_runs], device),
-        cross_k=_runs_to_index([run_first[a] for a in owners], [run_len[a] for a in owners], device),
+        cross_q=runs_to_index([run_first[r] for r in q_runs], [run_len[r] for r in q_runs], device),
+        cross_k=runs_to_index([run_first[a] for a in owners], [run_len[a] for a in owners], device),
         cu_cross_q=_offsets([sum(run_len[r] for r in below[a]) for a in owners], device),
         cu_cross_k=_offsets([run_len[a] for a in owners], device),
         max_cross_q=max((sum(run_len[r] for r in below[a]) for a in owners), default=0),

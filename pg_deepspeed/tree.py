@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .plan import AttentionPlan, build_plan, path_predecessors
+from .plan import AttentionPlan, build_plan, path_predecessors, runs_to_index
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,13 +162,14 @@ class PrefixTreeLayout:
         """Packed positions along each path ending in `leaves` (default `row_leaf`): ([R, Lmax] with -1 past the
         end, lengths [R]). `x[index[r, :n_r]]` is what row r's forward alone computes, for x: [T, ...] packed."""
         leaves = self._leaves(leaves)
-        cu, paths = self.cu_segments.tolist(), [self.path(leaf) for leaf in leaves]
-        rows = [[t for s in path for t in range(cu[s], cu[s + 1])] for path in paths]
-        width = max(len(r) for r in rows)
+        cu, lengths = self.cu_segments.tolist(), self.lengths.tolist()
+        paths = [self.path(leaf) for leaf in leaves]
+        rows = [runs_to_index([cu[s] for s in path], [lengths[s] for s in path], self.device) for path in paths]
+        width = max(r.numel() for r in rows)
         index = torch.full((len(rows), width), -1, dtype=torch.long, device=self.device)
         for r, row in enumerate(rows):
-            index[r, : len(row)] = torch.tensor(row, dtype=torch.long, device=self.device)
-        return index, torch.tensor([len(r) for r in rows], dtype=torch.long, device=self.device)
+            index[r, : row.numel()] = row
+        return index, torch.tensor([r.numel() for r in rows], dtype=torch.long, device=self.device)
 
     def pack_rows(self, rows: Sequence[Sequence[int] | Tensor], leaves: Sequence[int] | Tensor | None = None) -> Tensor:
         """Token ids [T] of the packed tree from full rows (row r is the path ending in `leaves[r]`, default

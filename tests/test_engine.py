@@ -1,8 +1,11 @@
-"""pg_deepspeed.engine, presets and tokenizer: refusals in-process, ZeRO-3 behaviour through the real launcher.
+"""pg_deepspeed.build, checkpoint, export, presets and tokenizer: refusals and checkpoint choice in-process,
+ZeRO-3 behaviour through the real launcher.
 
 The distributed tests share two launcher runs of tests/dist/zero3_train.py (see its docstring): `main` trains
 three policies (A prefix-grouped with activation checkpointing, B `prefix_grouping=False`, C the naive padded
 forward of tests/reference.py), builds the reference and exports A; `resume` continues A from its step-2 checkpoint.
+One run of tests/dist/load_dirs.py loads three directories saved here by transformers (tied dense, Qwen3-MoE,
+sharded) under ZeRO-3 and exports them.
 """
 import json
 import math
@@ -16,7 +19,7 @@ from conftest import run_deepspeed
 from reference import padded_completion_logprobs, random_grpo_batch, tiny_causal_lm
 from safetensors import safe_open
 from pg_deepspeed.build import build_model, load_tokenizer
-from pg_deepspeed.checkpoint import latest_checkpoint
+from pg_deepspeed.checkpoint import _write_manifest, latest_checkpoint
 from pg_deepspeed.presets import is_preset, preset_config
 from pg_deepspeed.tokenizer import build_char_tokenizer
 
@@ -241,3 +244,41 @@ def test_export_reloads_with_from_pretrained_equal_to_the_gathered_weights(model
     assert (export / "model.safetensors.index.json").is_file()  # sharded at 200 kB
     assert (export / "tokenizer.json").is_file() and (export / "generation_config.json").is_file()
     assert reloaded.config.use_cache
+
+
+# ------------------------------------------------------------------------------------- which checkpoint loads
+def fake_checkpoint(save_dir, tag: str, complete: bool, files: dict[str, bytes] | None = None):
+    """A tag directory with `files`; `complete` gives it the complete.json that save_checkpoint writes last."""
+    tag_dir = save_dir / tag
+    tag_dir.mkdir(parents=True)
+    for name, data in (files or {"shard.pt": b"x" * 10}).items():
+        (tag_dir / name).write_bytes(data)
+    if complete:
+        _write_manifest(str(tag_dir), 0, 2)
+    return tag_dir
+
+
+def test_the_newest_complete_checkpoint_loads_and_torn_newer_ones_are_named(tmp_path, capsys):
+    save_dir = tmp_path / "checkpoints"
+    fake_checkpoint(save_dir, "step_2", complete=True)
+    fake_checkpoint(save_dir, "step_10", complete=True)
+    fake_checkpoint(save_dir, "step_12", complete=False)  # a kill inside the save
+    truncated = fake_checkpoint(save_dir, "step_14", complete=True)
+    (truncated / "shard.pt").write_bytes(b"x" * 4)  # a file cut short after complete.json was written
+    assert latest_checkpoint(str(tmp_path), verbose=True) == str(save_dir / "step_10")  # 10 > 2: by number
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {save_dir / 'step_14'}: shard.pt has 4 bytes, complete.json says 10" in out
+    assert f"skipping checkpoint {save_dir / 'step_12'}: no complete.json" in out
+
+
+def test_a_warmup_checkpoint_is_older_than_step_zero(tmp_path):
+    save_dir = tmp_path / "checkpoints"
+    fake_checkpoint(save_dir, "sft_7", complete=True)
+    assert latest_checkpoint(str(tmp_path)) == str(save_dir / "sft_7")
+    fake_checkpoint(save_dir, "step_0", complete=True)
+    assert latest_checkpoint(str(tmp_path)) == str(save_dir / "step_0")
+
+
+def test_only_torn_checkpoints_mean_none(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", "step_4", complete=False)
+    assert latest_checkpoint(str(tmp_path)) is None

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from conftest import DEEPSPEED, REPO, free_port, run_deepspeed
+from pg_deepspeed.grpo.metrics import MetricsLogger, read_metrics
 from pg_deepspeed.presets import PRESETS, preset_config
 from pg_deepspeed.tokenizer import build_char_tokenizer
 
@@ -148,7 +149,7 @@ def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_s
 
 # ------------------------------------------------------------------------------ a kill in the middle of a save
 KILL_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--max_steps", "6", "--save_steps", "2",
-             "--save_total_limit", "2", "--beta", "0.04", *TINY]
+             "--save_total_limit", "2", "--beta", "0.04", "--sft_warmup_steps", "2", *TINY]
 TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s"}
 
 
@@ -169,6 +170,11 @@ def train_until_killed(out, marker, timeout: float = 600) -> None:
     assert marker.exists(), f"rank 1 never started saving step_4:\n{output[-4000:]}"
 
 
+def tags(run) -> list[str]:
+    """The checkpoint directories of a run (DeepSpeed also writes its conversion scripts beside them)."""
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(("step_", "sft_")))
+
+
 def metric_values(out) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -179,13 +185,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
-    """An uninterrupted run, and the same run killed inside the save of step_4, then resumed twice (the second
-    resume starts at max_steps)."""
-    root = tmp_path_factory.mktemp("kill")
-    reference, out = root / "uninterrupted", root / "killed"
+def uninterrupted_run(tmp_path_factory):
+    """KILL_ARGS from start to end, never stopped: the trajectory every interrupted run must end on."""
+    reference = tmp_path_factory.mktemp("uninterrupted")
     result = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(reference))
     assert result.returncode == 0, result.stdout[-4000:]
+    return reference
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, uninterrupted_run):
+    """The uninterrupted run, and the same run killed inside the save of step_4, then resumed twice (the second
+    resume starts at max_steps)."""
+    root = tmp_path_factory.mktemp("kill")
+    reference, out = uninterrupted_run, root / "killed"
     train_until_killed(out, root / "rank1-saving")
     torn = {"latest": (out / "checkpoints" / "latest").read_text(),
             "step_4": sorted(p.name for p in (out / "checkpoints" / "step_4").iterdir())}
@@ -246,7 +259,7 @@ def test_the_resumed_run_ends_on_the_uninterrupted_weights(killed_and_resumed):
 def test_save_total_limit_keeps_the_newest_complete_checkpoints(killed_and_resumed):
     reference, out, _, _, _, _ = killed_and_resumed
     for run in (reference, out):
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_4", "step_6"]
+        assert tags(run) == ["step_4", "step_6"]
         assert (run / "checkpoints" / "latest").read_text() == "step_6"
 
 
@@ -256,3 +269,68 @@ def test_resuming_a_finished_run_writes_no_checkpoint_again(killed_and_resumed):
     assert "resumed from step 6" in again
     assert "checkpoint step_6 saved" not in again
     assert untouched
+
+
+# ------------------------------------------------------------------------------ metrics.jsonl after a kill
+def test_resume_drops_a_half_written_last_metrics_line_and_later_steps(tmp_path):
+    rows = [{"step": s, "reward_mean": s / 10, "reward_std": 0.1, "loss": 0.5} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
+    MetricsLogger(str(tmp_path), rank=0, total_steps=5, start_step=2).close()
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == rows[:2]
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "rew\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
+        read_metrics(str(tmp_path / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------ a signal inside warm-up or rollout
+@pytest.fixture(scope="module")
+def signalled_twice(tmp_path_factory, uninterrupted_run):
+    """KILL_ARGS signalled (SIGUSR1 on rank 1) during warm-up step 1, resumed and signalled during the rollout of
+    step 3, resumed again to the end. Returns (uninterrupted dir, run dir, [stdout of each of the three runs],
+    [checkpoint tags after each stop])."""
+    out = tmp_path_factory.mktemp("signalled") / "run"
+    outputs, stops = [], []
+    for during, resume in (("sft:1", []), ("rollout:3", ["--resume"]), (None, ["--resume"])):
+        if during is None:
+            result = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(out), *resume)
+        else:
+            result = run_deepspeed("tests/dist/signal_during.py", *KILL_ARGS, "--output_dir", str(out), *resume,
+                                   env={"SIGNAL_DURING": during})
+        assert result.returncode == 0, result.stdout[-4000:]
+        outputs.append(result.stdout)
+        stops.append(tags(out))
+    return uninterrupted_run, out, outputs, stops
+
+
+@pytest.mark.distributed
+def test_a_signal_during_the_warmup_stops_after_that_warmup_step(signalled_twice):
+    _, _, outputs, stops = signalled_twice
+    assert "stop requested: checkpoint at warm-up step 1" in outputs[0]
+    assert stops[0] == ["sft_1"]
+    assert "resumed from warm-up step 1" in outputs[1]
+
+
+@pytest.mark.distributed
+def test_a_signal_during_a_rollout_abandons_that_step(signalled_twice):
+    _, _, outputs, stops = signalled_twice
+    assert "stop requested during the rollout of step 3: checkpoint at step 2" in outputs[1]
+    assert stops[1] == ["sft_1", "step_2"]
+    assert "resumed from step 2" in outputs[2]
+
+
+@pytest.mark.distributed
+def test_a_run_stopped_twice_ends_on_the_uninterrupted_metrics_and_weights(signalled_twice):
+    reference, out, _, _ = signalled_twice
+    expected, got = metric_values(reference), metric_values(out)
+    assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
+    for want, have in zip(expected, got):
+        for key, value in want.items():
+            assert have[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), (
+                want["step"], key)
+    expected_weights = load_file(reference / "export" / "model.safetensors")
+    got_weights = load_file(out / "export" / "model.safetensors")
+    for name, value in expected_weights.items():
+        assert rel_err(got_weights[name], value) <= 1e-6, name

@@ -80,8 +80,8 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = read_metrics(metrics_path)
-    if not rows:
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    if not rows:  # e.g. a run stopped during its warm-up
         return
     steps = np.array([r["step"] for r in rows])
     mean = np.array([r["reward_mean"] for r in rows])

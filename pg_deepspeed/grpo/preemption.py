@@ -47,6 +47,7 @@ class PreemptionGuard:
                 raise ValueError(f"signum={signum} is not a signal that a handler can catch")
         self.signums = tuple(signal.Signals(s) for s in signums)
         self._requested = False
+        self._calls = 0  # calls through interruptible() wrappers, the same on every rank
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
 
@@ -63,17 +64,16 @@ class PreemptionGuard:
         return self._requested
 
     def interruptible(self, fn: Callable, every: int = 8) -> Callable:
-        """`fn` (a model) wrapped so that every `every`-th call first polls the flag and raises :class:`Preempted`.
+        """`fn` (a model) wrapped so that every `every`-th call through this guard's wrappers first polls the flag
+        and raises :class:`Preempted`.
 
         Collective like :meth:`stop_requested`: valid where all ranks make the same number of calls, as the
-        rollout's forwards under ZeRO-3 do (each gathers parameters with a collective).
+        rollout's forwards under ZeRO-3 do (each gathers parameters with a collective). The count runs across
+        wrappers, so short rollouts are polled too.
         """
-        calls = 0
-
         def call(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls % every == 0 and self.stop_requested():
+            self._calls += 1
+            if self._calls % every == 0 and self.stop_requested():
                 raise Preempted()
             return fn(*args, **kwargs)
 

@@ -286,17 +286,18 @@ def run(plan: Plan) -> None:
                             total_limit=train.save_total_limit, rng_state=rng_state)
             saved = (step, sft_step)
 
-    def stop(step: int, sft_step: int | None = None, rng_state: dict | None = None) -> None:
+    def stop(step: int, sft_step: int | None = None, rng_state: dict | None = None, during: str = "") -> None:
         save(step, sft_step, rng_state)
         if rank == 0:
-            print(f"[pg_deepspeed] stop requested: checkpoint at {_tag(step, sft_step)}, requeueing", flush=True)
+            print(f"[pg_deepspeed] stop requested{during}: checkpoint at {_tag(step, sft_step)}, requeueing",
+                  flush=True)
         logger.close()
         guard.requeue()
 
     if sft_done < train.sft_warmup_steps:
         sft_done = sft_warmup(policy, tokenizer, source, train, rank, world, device, sft_done, guard.stop_requested)
-        if sft_done < train.sft_warmup_steps:
-            return stop(0, sft_done)
+        if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
+            return stop(0, sft_done if sft_done < train.sft_warmup_steps else None)
 
     # ---------------------------------------------------------------- the loop
     logprob_passes = grpo.num_iterations + (grpo.num_iterations > 1) + (grpo.beta > 0)
@@ -307,7 +308,7 @@ def run(plan: Plan) -> None:
         try:
             batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, rank, world, device, guard)
         except Preempted:
-            return stop(step, rng_state=at_boundary)
+            return stop(step, rng_state=at_boundary, during=f" during the rollout of step {step + 1}")
         t_rollout = time.perf_counter() - t0
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         stats = update(policy, batch, grpo, train)

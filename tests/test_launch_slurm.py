@@ -2,8 +2,10 @@
 
 The Slurm tests start Debian's slurmctld, two slurmd and munged (tests/slurm_cluster.py), submit
 `sbatch -N 2 --wait launch/slurm/grpo.sbatch --ds_config ds_configs/zero3_cpu.json ...` with the
-tiny model, and read the run's metrics.jsonl and checkpoints. In CI (CI=true) they must run; elsewhere
-they skip, saying why, when Slurm is not installed or this is not root.
+tiny model, and read the run's metrics.jsonl and checkpoints. Two more jobs are preempted mid-run, one with
+`scancel --signal=USR1` (the sbatch lead-time signal), one with `--signal=TERM` (what a time limit or a
+preemption sends): each must checkpoint, requeue itself and end with the uninterrupted run's metric values.
+In CI (CI=true) they must run; elsewhere they skip, saying why, when Slurm is not installed or this is not root.
 """
 from __future__ import annotations
 

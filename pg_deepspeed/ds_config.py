@@ -23,11 +23,11 @@ import json
 import math
 from typing import Any, Callable
 
-DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16",
-}
+import torch
+
+# The one dtype table: the names a run accepts (with DeepSpeed's short aliases) and the torch dtype of each.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
@@ -60,9 +60,7 @@ def load_ds_config(
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
-    dtype = DTYPE_NAMES[dtype]
+    dtype = dtype_name(dtype)
 
     config = _read_json(path)
     batch = {
@@ -99,6 +97,23 @@ def load_ds_config(
                                 f"argument dtype is {dtype!r}; write \"auto\" or make them agree")
     zero_stage(config, path)
     return config
+
+
+def dtype_name(name: str) -> str:
+    """The canonical name (a key of :data:`DTYPES`) of ``name`` or its alias; ValueError naming the choices."""
+    canonical = _DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(_DTYPE_ALIASES)}, got {name!r}")
+    return canonical
+
+
+def precision(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains in under a loaded ``ds_config`` (its bf16/fp16 sections, else float32)."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
 
 
 def zero_stage(ds_config: dict, path: str = "ds_config") -> int:

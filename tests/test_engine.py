@@ -1,8 +1,11 @@
-"""pg_deepspeed.engine, presets and tokenizer: refusals in-process, ZeRO-3 behaviour through the real launcher.
+"""pg_deepspeed.build, checkpoint, export, presets and tokenizer: refusals and checkpoint choice in-process,
+ZeRO-3 behaviour through the real launcher.
 
 The distributed tests share two launcher runs of tests/dist/zero3_train.py (see its docstring): `main` trains
 three policies (A prefix-grouped with activation checkpointing, B `prefix_grouping=False`, C the naive padded
 forward of tests/reference.py), builds the reference and exports A; `resume` continues A from its step-2 checkpoint.
+One run of tests/dist/load_dirs.py loads three directories saved here by transformers (tied dense, Qwen3-MoE,
+sharded) under ZeRO-3 and exports them.
 """
 import json
 import math
@@ -13,11 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_deepspeed
-from pg_deepspeed.engine import build_model, latest_checkpoint, load_tokenizer
+from reference import padded_completion_logprobs, random_grpo_batch, tiny_causal_lm
+from safetensors import safe_open
+from pg_deepspeed.build import build_model, load_tokenizer
+from pg_deepspeed.checkpoint import _write_manifest, latest_checkpoint
 from pg_deepspeed.presets import is_preset, preset_config
 from pg_deepspeed.tokenizer import build_char_tokenizer
 
 SCRIPT = "tests/dist/zero3_train.py"
+LOAD_BATCH_SEED = 7  # tests/dist/load_dirs.py's BATCH_SEED
 ZERO3_FP32 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
 
 
@@ -158,6 +165,10 @@ def test_export_loads_in_plain_transformers_with_the_engines_logits(zero3_run):
         logits = model(input_ids=saved["input_ids"]).logits
     assert (logits - saved["logits"]).abs().max().item() <= 1e-5
     assert (out / "export" / "tokenizer.json").is_file()
+    trained = torch.load(out / "params_A.pt")  # the engine's weights, gathered
+    exported = dict(model.named_parameters())
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[name], value) for name, value in trained.items())
     assert result["export_and_reload"] <= 1e-5  # the export rebuilt sharded by build_model
 
 
@@ -172,3 +183,102 @@ def test_resumed_step_three_equals_the_uninterrupted_step_three(zero3_run):
     uninterrupted, continued = torch.load(out / "params_A.pt"), torch.load(out / "params_resumed.pt")
     for name, value in uninterrupted.items():
         assert rel_err(continued[name], value) <= 1e-6, name
+
+
+# ------------------------------------------------------------------------------------- model directories, ZeRO-3
+DIRS = {  # name -> (family of tests/reference.py, overrides, save_pretrained's max_shard_size)
+    "dense-tied": ("qwen2", {"tie_word_embeddings": True}, "50GB"),
+    "qwen3-moe": ("qwen3_moe", {}, "50GB"),
+    "sharded": ("llama", {}, "100kB"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Tiny directories saved here by transformers (with the char tokenizer), and one two-rank launcher run of
+    tests/dist/load_dirs.py over them."""
+    root = tmp_path_factory.mktemp("dirs")
+    for name, (family, overrides, shard) in DIRS.items():
+        tiny_causal_lm(family, seed=3, **overrides).save_pretrained(root / name, max_shard_size=shard)
+        build_char_tokenizer().save_pretrained(root / name)
+    result = run_deepspeed("tests/dist/load_dirs.py", "--out", str(root), *(str(root / name) for name in DIRS))
+    assert result.returncode == 0, result.stdout[-6000:]
+    return root
+
+
+def test_the_fixture_directories_have_the_formats_under_test(model_dirs):
+    assert (model_dirs / "sharded" / "model.safetensors.index.json").is_file()
+    # transformers 5 fuses the experts into `experts.gate_up_proj` parameters and saves them one expert at a time:
+    # loading must apply its key conversion
+    with safe_open(model_dirs / "qwen3-moe" / "model.safetensors", "pt") as handle:
+        assert "model.layers.0.mlp.experts.0.gate_proj.weight" in handle.keys()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in torch.load(model_dirs / "qwen3-moe.pt")["weights"]
+    with safe_open(model_dirs / "dense-tied" / "model.safetensors", "pt") as handle:
+        assert "lm_head.weight" not in handle.keys()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", DIRS)
+def test_zero3_load_of_a_directory_gives_the_plain_load_logprobs(model_dirs, name):
+    result = torch.load(model_dirs / f"{name}.pt")
+    plain = AutoModelForCausalLM.from_pretrained(model_dirs / name).eval()
+    prompt_ids, prompt_mask, completion_ids, completion_mask, sizes = random_grpo_batch(LOAD_BATCH_SEED, "left")
+    with torch.no_grad():
+        expected, _ = padded_completion_logprobs(plain, prompt_ids, prompt_mask, completion_ids, completion_mask, sizes)
+    assert (result["logps"] - expected).abs().max().item() <= 1e-5
+    for shards in result["shards"]:  # loaded sharded: each rank holds half of every parameter
+        for param, local, full in shards:
+            assert local == math.ceil(full / 2), param
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", DIRS)
+def test_export_reloads_with_from_pretrained_equal_to_the_gathered_weights(model_dirs, name):
+    gathered = torch.load(model_dirs / f"{name}.pt")["weights"]
+    export = model_dirs / f"{name}-export"
+    reloaded = AutoModelForCausalLM.from_pretrained(export)
+    params = dict(reloaded.named_parameters())
+    assert params.keys() == gathered.keys()
+    for key, value in gathered.items():
+        assert torch.equal(params[key], value), key
+    assert (export / "model.safetensors.index.json").is_file()  # sharded at 200 kB
+    assert (export / "tokenizer.json").is_file() and (export / "generation_config.json").is_file()
+    assert reloaded.config.use_cache
+
+
+# ------------------------------------------------------------------------------------- which checkpoint loads
+def fake_checkpoint(save_dir, tag: str, complete: bool, files: dict[str, bytes] | None = None):
+    """A tag directory with `files`; `complete` gives it the complete.json that save_checkpoint writes last."""
+    tag_dir = save_dir / tag
+    tag_dir.mkdir(parents=True)
+    for name, data in (files or {"shard.pt": b"x" * 10}).items():
+        (tag_dir / name).write_bytes(data)
+    if complete:
+        _write_manifest(str(tag_dir), 0, 2)
+    return tag_dir
+
+
+def test_the_newest_complete_checkpoint_loads_and_torn_newer_ones_are_named(tmp_path, capsys):
+    save_dir = tmp_path / "checkpoints"
+    fake_checkpoint(save_dir, "step_2", complete=True)
+    fake_checkpoint(save_dir, "step_10", complete=True)
+    fake_checkpoint(save_dir, "step_12", complete=False)  # a kill inside the save
+    truncated = fake_checkpoint(save_dir, "step_14", complete=True)
+    (truncated / "shard.pt").write_bytes(b"x" * 4)  # a file cut short after complete.json was written
+    assert latest_checkpoint(str(tmp_path), verbose=True) == str(save_dir / "step_10")  # 10 > 2: by number
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {save_dir / 'step_14'}: shard.pt has 4 bytes, complete.json says 10" in out
+    assert f"skipping checkpoint {save_dir / 'step_12'}: no complete.json" in out
+
+
+def test_a_warmup_checkpoint_is_older_than_step_zero(tmp_path):
+    save_dir = tmp_path / "checkpoints"
+    fake_checkpoint(save_dir, "sft_7", complete=True)
+    assert latest_checkpoint(str(tmp_path)) == str(save_dir / "sft_7")
+    fake_checkpoint(save_dir, "step_0", complete=True)
+    assert latest_checkpoint(str(tmp_path)) == str(save_dir / "step_0")
+
+
+def test_only_torn_checkpoints_mean_none(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", "step_4", complete=False)
+    assert latest_checkpoint(str(tmp_path)) is None

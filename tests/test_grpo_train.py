@@ -1,12 +1,21 @@
-"""launch/train.py end to end: a short two-rank run through the real deepspeed launcher, and fast refusals."""
+"""launch/train.py end to end: two-rank runs through the real deepspeed launcher (a short run; a run killed in the
+middle of a save, then resumed), and refusals that print one line."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, MistralConfig
 
-from conftest import REPO, run_deepspeed
+from conftest import DEEPSPEED, REPO, free_port, run_deepspeed
+from pg_deepspeed.grpo.metrics import MetricsLogger, read_metrics
+from pg_deepspeed.presets import PRESETS, preset_config
+from pg_deepspeed.tokenizer import build_char_tokenizer
 
 KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "tokens_per_s", "prefix_tokens_saved",
         "step_time_s", "world_size"}
@@ -37,15 +46,44 @@ def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
 
 
 def train_fails_with(tmp_path, *args: str) -> str:
-    """Run launch/train.py in one process; it must exit non-zero. Returns its stderr."""
+    """Run launch/train.py in one process; it must exit with status 2 before any work, printing one error line
+    and no traceback. Returns that line."""
     result = subprocess.run(
         [sys.executable, "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json",
          "--output_dir", str(tmp_path / "out"), *args],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-3000:]
     assert not (tmp_path / "out").exists(), "failed after starting work"
-    return result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_model_directory_without_a_model_is_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_char_tokenizer().save_pretrained(empty)  # a tokenizer alone is no model
+    assert f"model directory '{empty}' holds no model: it has no config.json" in train_fails_with(
+        tmp_path, "--model", str(empty))
+
+
+def test_a_model_directory_without_weights_is_named(tmp_path):
+    no_weights = tmp_path / "config-only"
+    preset_config("tiny-llama").save_pretrained(no_weights)
+    assert f"model directory '{no_weights}' holds no weights" in train_fails_with(tmp_path, "--model", str(no_weights))
+
+
+def test_a_sliding_window_shorter_than_the_run_is_refused_before_any_work(tmp_path):
+    model_dir = tmp_path / "mistral"
+    save_tiny_mistral(model_dir, sliding_window=32)
+    err = train_fails_with(tmp_path, "--model", str(model_dir), "--prompt_length", "48", "--max_new_tokens", "3")
+    assert "cannot prefix-group" in err and "window" in err
+
+
+def test_unknown_dtype_is_one_line(tmp_path):
+    assert "--dtype must be one of" in train_fails_with(tmp_path, "--dtype", "float64")
 
 
 def test_missing_dataset_file_fails_fast(tmp_path):
@@ -82,18 +120,19 @@ def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
     assert "train_micro_batch_size_per_gpu is 16 in the config but the arguments give 2" in err
 
 
-@pytest.mark.distributed
-def test_trains_a_local_hf_model_directory_on_a_jsonl_file_after_a_supervised_warmup(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pg_deepspeed.presets import preset_config
-    from pg_deepspeed.tokenizer import build_char_tokenizer
-
-    model_dir = tmp_path / "model"
+def save_tiny_mistral(model_dir, sliding_window: int) -> None:
+    """A random-init Mistral over the char vocabulary whose window (shorter than its 4096 positions) is set."""
+    config = MistralConfig(**{k: v for k, v in PRESETS["tiny-llama"].items() if k != "model_type"},
+                           sliding_window=sliding_window)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(preset_config("tiny-llama")).save_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     build_char_tokenizer().save_pretrained(model_dir)
+
+
+@pytest.mark.distributed
+def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_supervised_warmup(tmp_path):
+    model_dir = tmp_path / "model"
+    save_tiny_mistral(model_dir, sliding_window=64)  # covers the run's longest prompt + completion, not 4096
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(9) for b in range(4)))
     out = tmp_path / "run"
@@ -106,3 +145,192 @@ def test_trains_a_local_hf_model_directory_on_a_jsonl_file_after_a_supervised_wa
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------ a kill in the middle of a save
+KILL_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--max_steps", "6", "--save_steps", "2",
+             "--save_total_limit", "2", "--beta", "0.04", "--sft_warmup_steps", "2", *TINY]
+TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s"}
+
+
+def train_until_killed(out, marker, timeout: float = 600) -> None:
+    """tests/dist/slow_save.py (the trainer, rank 1 stalling inside the save of step_4) until rank 1 is inside that
+    save; then SIGKILL to the launcher's whole process group, as a node failure or `scancel --full` would."""
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "tests/dist/slow_save.py",
+           *KILL_ARGS, "--output_dir", str(out)]
+    env = {**os.environ, "SLOW_SAVE_TAG": "step_4", "SLOW_SAVE_MARKER": str(marker)}
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # rank 0 is done with its files and waits at the barrier
+    os.killpg(process.pid, signal.SIGKILL)
+    output = process.communicate()[0]
+    assert marker.exists(), f"rank 1 never started saving step_4:\n{output[-4000:]}"
+
+
+def tags(run) -> list[str]:
+    """The checkpoint directories of a run (DeepSpeed also writes its conversion scripts beside them)."""
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(("step_", "sft_")))
+
+
+def metric_values(out) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """KILL_ARGS from start to end, never stopped: the trajectory every interrupted run must end on."""
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    result = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(reference))
+    assert result.returncode == 0, result.stdout[-4000:]
+    return reference
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, uninterrupted_run):
+    """The uninterrupted run, and the same run killed inside the save of step_4, then resumed twice (the second
+    resume starts at max_steps)."""
+    root = tmp_path_factory.mktemp("kill")
+    reference, out = uninterrupted_run, root / "killed"
+    train_until_killed(out, root / "rank1-saving")
+    torn = {"latest": (out / "checkpoints" / "latest").read_text(),
+            "step_4": sorted(p.name for p in (out / "checkpoints" / "step_4").iterdir())}
+    # a kill while rank 0 wrote its logs: half a metrics line and a torn TensorBoard record
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"step": 5, "reward_mean": 0.')
+    events = sorted((out / "tensorboard").glob("events.out.tfevents.*"))[-1]
+    with open(events, "ab") as file:
+        file.write(b"\x18\x00\x00\x00\x00\x00")
+    resumed = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    manifest = out / "checkpoints" / "step_6" / "complete.json"
+    before = manifest.stat().st_mtime_ns
+    again = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(out), "--resume", "--no_export")
+    assert again.returncode == 0, again.stdout[-4000:]
+    return reference, out, torn, resumed.stdout, again.stdout, manifest.stat().st_mtime_ns == before
+
+
+@pytest.mark.distributed
+def test_a_kill_inside_a_save_leaves_the_pointer_on_the_last_complete_checkpoint(killed_and_resumed):
+    _, _, torn, _, _, _ = killed_and_resumed
+    assert torn["latest"] == "step_2"  # DeepSpeed alone would have written step_4 before rank 1 finished
+    assert "complete.json" not in torn["step_4"]
+
+
+@pytest.mark.distributed
+def test_the_resume_skips_the_torn_checkpoint_saying_so(killed_and_resumed):
+    _, out, _, resumed, _, _ = killed_and_resumed
+    assert f"skipping checkpoint {out / 'checkpoints' / 'step_4'}: no complete.json" in resumed
+    assert "resumed from step 2" in resumed
+
+
+@pytest.mark.distributed
+def test_the_resumed_run_logs_each_step_once_with_the_uninterrupted_values(killed_and_resumed):
+    reference, out, _, _, _, _ = killed_and_resumed
+    expected, got = metric_values(reference), metric_values(out)
+    assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
+    for want, have in zip(expected, got):
+        assert have.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["step"], key)
+            else:
+                assert have[key] == value, (want["step"], key)
+
+
+@pytest.mark.distributed
+def test_the_resumed_run_ends_on_the_uninterrupted_weights(killed_and_resumed):
+    reference, out, _, _, _, _ = killed_and_resumed
+    expected = load_file(reference / "export" / "model.safetensors")
+    got = load_file(out / "export" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert rel_err(got[name], value) <= 1e-6, name
+
+
+@pytest.mark.distributed
+def test_save_total_limit_keeps_the_newest_complete_checkpoints(killed_and_resumed):
+    reference, out, _, _, _, _ = killed_and_resumed
+    for run in (reference, out):
+        assert tags(run) == ["step_4", "step_6"]
+        assert (run / "checkpoints" / "latest").read_text() == "step_6"
+
+
+@pytest.mark.distributed
+def test_resuming_a_finished_run_writes_no_checkpoint_again(killed_and_resumed):
+    _, _, _, _, again, untouched = killed_and_resumed
+    assert "resumed from step 6" in again
+    assert "checkpoint step_6 saved" not in again
+    assert untouched
+
+
+# ------------------------------------------------------------------------------ metrics.jsonl after a kill
+def test_resume_drops_a_half_written_last_metrics_line_and_later_steps(tmp_path):
+    rows = [{"step": s, "reward_mean": s / 10, "reward_std": 0.1, "loss": 0.5} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
+    MetricsLogger(str(tmp_path), rank=0, total_steps=5, start_step=2).close()
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == rows[:2]
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "rew\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
+        read_metrics(str(tmp_path / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------ a signal inside warm-up or rollout
+@pytest.fixture(scope="module")
+def signalled_twice(tmp_path_factory, uninterrupted_run):
+    """KILL_ARGS signalled (SIGUSR1 on rank 1) during warm-up step 1, resumed and signalled during the rollout of
+    step 3, resumed again to the end. Returns (uninterrupted dir, run dir, [stdout of each of the three runs],
+    [checkpoint tags after each stop])."""
+    out = tmp_path_factory.mktemp("signalled") / "run"
+    outputs, stops = [], []
+    for during, resume in (("sft:1", []), ("rollout:3", ["--resume"]), (None, ["--resume"])):
+        if during is None:
+            result = run_deepspeed("launch/train.py", *KILL_ARGS, "--output_dir", str(out), *resume)
+        else:
+            result = run_deepspeed("tests/dist/signal_during.py", *KILL_ARGS, "--output_dir", str(out), *resume,
+                                   env={"SIGNAL_DURING": during})
+        assert result.returncode == 0, result.stdout[-4000:]
+        outputs.append(result.stdout)
+        stops.append(tags(out))
+    return uninterrupted_run, out, outputs, stops
+
+
+@pytest.mark.distributed
+def test_a_signal_during_the_warmup_stops_after_that_warmup_step(signalled_twice):
+    _, _, outputs, stops = signalled_twice
+    assert "stop requested: checkpoint at warm-up step 1" in outputs[0]
+    assert stops[0] == ["sft_1"]
+    assert "resumed from warm-up step 1" in outputs[1]
+
+
+@pytest.mark.distributed
+def test_a_signal_during_a_rollout_abandons_that_step(signalled_twice):
+    _, _, outputs, stops = signalled_twice
+    assert "stop requested during the rollout of step 3: checkpoint at step 2" in outputs[1]
+    assert stops[1] == ["sft_1", "step_2"]
+    assert "resumed from step 2" in outputs[2]
+
+
+@pytest.mark.distributed
+def test_a_run_stopped_twice_ends_on_the_uninterrupted_metrics_and_weights(signalled_twice):
+    reference, out, _, _ = signalled_twice
+    expected, got = metric_values(reference), metric_values(out)
+    assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
+    for want, have in zip(expected, got):
+        for key, value in want.items():
+            assert have[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), (
+                want["step"], key)
+    expected_weights = load_file(reference / "export" / "model.safetensors")
+    got_weights = load_file(out / "export" / "model.safetensors")
+    for name, value in expected_weights.items():
+        assert rel_err(got_weights[name], value) <= 1e-6, name

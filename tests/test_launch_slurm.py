@@ -2,8 +2,10 @@
 
 The Slurm tests start Debian's slurmctld, two slurmd and munged (tests/slurm_cluster.py), submit
 `sbatch -N 2 --wait launch/slurm/grpo.sbatch --ds_config ds_configs/zero3_cpu.json ...` with the
-tiny model, and read the run's metrics.jsonl and checkpoints. In CI (CI=true) they must run; elsewhere
-they skip, saying why, when Slurm is not installed or this is not root.
+tiny model, and read the run's metrics.jsonl and checkpoints. Two more jobs are preempted mid-run, one with
+`scancel --signal=USR1` (the sbatch lead-time signal), one with `--signal=TERM` (what a time limit or a
+preemption sends): each must checkpoint, requeue itself and end with the uninterrupted run's metric values.
+In CI (CI=true) they must run; elsewhere they skip, saying why, when Slurm is not installed or this is not root.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pg_deepspeed.grpo.preemption import PreemptionGuard, node_rank
+from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
 from slurm_cluster import SlurmCluster, slurm_cluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,13 +149,32 @@ def test_arguments_after_the_script_reach_train_py_unchanged(uninterrupted: tupl
         assert argv[2:] == ["launch/train.py", "--local_rank=0", *TRAIN_ARGS, "--output_dir", str(job_dir), "--resume"]
 
 
+TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s"}
+
+
+def assert_same_metrics(resumed: list[dict], uninterrupted: list[dict], logs: str) -> None:
+    """Each step once, in order, with the uninterrupted run's values (timings aside) to float rounding."""
+    assert [row["step"] for row in resumed] == [row["step"] for row in uninterrupted], logs
+    for have, want in zip(resumed, uninterrupted):
+        for key, value in want.items():
+            if key in TIMING_KEYS:
+                continue
+            if isinstance(value, float):
+                assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["step"], key)
+            else:
+                assert have[key] == value, (want["step"], key)
+
+
 @pytest.mark.slurm
-def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_steps(
-    cluster: SlurmCluster, runs_dir: Path, uninterrupted: tuple[int, Path]
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_a_signal_checkpoints_requeues_and_resumes_on_the_uninterrupted_trajectory(
+    cluster: SlurmCluster, runs_dir: Path, uninterrupted: tuple[int, Path], signal_name: str
 ) -> None:
+    """USR1 is the sbatch lead-time signal; TERM is what a time limit or a preemption sends (KillWait before
+    SIGKILL). Either one, mid-run, gives a checkpoint, a requeue and a resumed run equal to the uninterrupted one."""
     sbatch, job_id, job_dir = submit(cluster, runs_dir)
     poll(lambda: metrics(job_dir), JOB_TIMEOUT_S, "the first training step", job_dir)
-    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=cluster.env, check=True)
+    subprocess.run(["scancel", f"--signal={signal_name}", str(job_id)], env=cluster.env, check=True)
 
     poll(lambda: cluster.job_fields(job_id)["Restarts"] == "1", 120, "the job to requeue itself", job_dir)
     saved_at_preemption = checkpoint_steps(job_dir)
@@ -164,21 +185,22 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_steps
     assert stopped_at < SAVE_STEPS, f"the signal was handled only at step {stopped_at}: nothing to resume"
     assert saved_at_preemption == [stopped_at], logs(job_dir)
     assert cluster.job_fields(job_id)["JobState"] == "COMPLETED"
-    steps = [row["step"] for row in metrics(job_dir)]
-    assert steps == [row["step"] for row in metrics(uninterrupted[1])], logs(job_dir)
+    assert_same_metrics(metrics(job_dir), metrics(uninterrupted[1]), logs(job_dir))
 
 
 @pytest.fixture
 def usr1_handler_restored():
-    previous = signal.getsignal(signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGUSR1, previous)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
-def test_signal_requests_a_stop_in_a_single_process(usr1_handler_restored) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_usr1_and_term_request_a_stop_in_a_single_process(usr1_handler_restored, signum) -> None:
     guard = PreemptionGuard()
     assert not guard.stop_requested()
-    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signum)
     assert guard.stop_requested()
 
 
@@ -209,6 +231,36 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
         answers = manager.dict()
         mp.spawn(_agree_on_stop, args=(str(tmp_path / "init"), answers), nprocs=2)
         assert dict(answers) == {0: (False, True), 1: (False, True)}
+
+
+def _interrupt_forwards(rank: int, init_file: str, answers: dict) -> None:
+    """Like a rollout: both ranks call the wrapped model in lockstep; rank 1 is signalled during its 11th call."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    guard = PreemptionGuard()
+    calls = []
+
+    def model(i: int) -> int:
+        calls.append(i)
+        if rank == 1 and i == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return i
+
+    forward = guard.interruptible(model, every=4)
+    try:
+        for i in range(1, 100):
+            forward(i)
+        answers[rank] = ("finished", calls[-1])
+    except Preempted:
+        answers[rank] = ("preempted", calls[-1])
+    dist.destroy_process_group()
+
+
+def test_interruptible_forwards_stop_every_rank_at_the_same_call(tmp_path: Path) -> None:
+    with mp.Manager() as manager:
+        answers = manager.dict()
+        mp.spawn(_interrupt_forwards, args=(str(tmp_path / "init"), answers), nprocs=2)
+        # the flag is polled before calls 4, 8, 12, ...: set during call 11, it stops both ranks before call 12
+        assert dict(answers) == {0: ("preempted", 11), 1: ("preempted", 11)}
 
 
 @pytest.mark.parametrize(

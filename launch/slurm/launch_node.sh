@@ -11,9 +11,11 @@ set -euo pipefail
 hostfile=$1 master_addr=$2 master_port=$3 script=$4
 shift 4
 
-# Slurm sends USR1 to every process of the step. DeepSpeed's runner and launch.py would die of it
-# and orphan train.py, so they ignore it (inherited through exec and fork); train.py installs its
-# own handler (PreemptionGuard), which replaces the inherited "ignore".
-trap '' USR1
+# Slurm sends USR1 (the --signal lead time) and TERM (time limit, preemption) to every process of the
+# step. DeepSpeed's runner would die of USR1 and orphan train.py; launch.py answers TERM by killing
+# train.py 30 s later, whatever it is doing. So both ignore them (inherited through exec and fork);
+# train.py installs its own handlers (PreemptionGuard), which replace the inherited "ignore", saves,
+# requeues and exits, and the launchers exit with it.
+trap '' USR1 TERM
 exec "${PYTHON:-python3}" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" \
     --master_addr "$master_addr" --master_port "$master_port" "$script" "$@"

@@ -83,7 +83,12 @@ class TrainArguments:
         default=0, metadata={"help": "Supervised steps on the task's answers before GRPO (0 = none)."}
     )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in --output_dir."})
+    save_total_limit: int = field(
+        default=0, metadata={"help": "Keep only the newest N complete checkpoints (0 = keep all)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in --output_dir."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for weights, data and sampling."})
     export: bool = field(default=True, metadata={"help": "Write a Hugging Face export to output_dir/export at the end."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})

@@ -28,12 +28,13 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows of steps <= ``step``; a last line cut short by a kill is dropped (its step runs again)."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        rows = read_metrics(self.path)
+        with open(f"{self.path}.tmp", "w") as f:  # then renamed: a kill now leaves the old file or the new one
+            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+        os.replace(f"{self.path}.tmp", self.path)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -55,8 +56,20 @@ class MetricsLogger:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line that is not complete JSON (a write that a kill cut short) is
+    left out; a bad line before it is an error naming the file and line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}") from None
+    return rows
 
 
 def plot_rewards(metrics_path: str, png_path: str) -> None:
@@ -67,8 +80,8 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = read_metrics(metrics_path)
-    if not rows:
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    if not rows:  # e.g. a run stopped during its warm-up
         return
     steps = np.array([r["step"] for r in rows])
     mean = np.array([r["reward_mean"] for r in rows])

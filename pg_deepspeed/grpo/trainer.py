@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ..attention import BACKENDS
-from ..ds_config import load_ds_config
-from ..engine import (
-    build_model, export_hf, init_policy, init_reference, load_checkpoint, load_config, load_tokenizer, save_checkpoint,
-)
+from ..build import build_model, check_patchable, init_policy, init_reference, load_config, load_tokenizer
+from ..checkpoint import current_rng_state, load_checkpoint, save_checkpoint
+from ..ds_config import DTYPES, dtype_name, load_ds_config
+from ..export import export_hf
 from ..logprobs import completion_logprobs
 from ..packing import common_prefix_length
 from ..patch import patch_model
@@ -29,12 +31,11 @@ from .collective import all_gather_cat, all_mean
 from .data import PromptSource, batch_indices, build_source, longest_prompt, tokenize_prompts
 from .loss import AGGREGATIONS, grpo_loss
 from .metrics import MetricsLogger
-from .preemption import PreemptionGuard, node_rank
+from .preemption import Preempted, PreemptionGuard, node_rank
 from .rewards import compute_rewards, resolve_reward_fn
 from .rollout import generate
 
 SFT_OFFSET = 2**61  # SFT prompts are indexed far from the GRPO ones
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -63,8 +64,10 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise FileNotFoundError(f"--ds_config {train.ds_config!r} does not exist")
     if model.attention_backend not in ("auto", *BACKENDS):
         raise ValueError(f"--attention_backend must be one of {['auto', *BACKENDS]}, got {model.attention_backend!r}")
-    if model.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {model.dtype!r}")
+    try:
+        dtype_name(model.dtype)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
     if grpo.advantage not in ESTIMATORS:
         raise ValueError(f"--advantage must be one of {ESTIMATORS}, got {grpo.advantage!r}")
     if grpo.loss_aggregation not in AGGREGATIONS:
@@ -75,6 +78,9 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         value = getattr(grpo, name, getattr(train, name, None))
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("save_steps", "save_total_limit", "sft_warmup_steps"):
+        if getattr(train, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(train, name)}")
     if not 0.0 < grpo.top_p <= 1.0:
         raise ValueError(f"--top_p must be in (0, 1], got {grpo.top_p}")
     if grpo.temperature <= 0:
@@ -85,7 +91,8 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
 
 
-def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> None:
+def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> int:
+    """The longest prompt + ``max_new_tokens`` (the run's longest sequence); refused past the model's positions."""
     limit = getattr(config, "max_position_embeddings", None)
     longest, index = longest_prompt(tokenizer, source)
     if limit is not None and longest + max_new_tokens > limit:
@@ -93,6 +100,7 @@ def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens
             f"prompt {index} of {source.name} is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
             f"the model's max_position_embeddings ({limit})"
         )
+    return longest + max_new_tokens
 
 
 def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
@@ -140,8 +148,10 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
 
 
 def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, step: int, rank: int, world: int,
-            device: torch.device) -> Batch:
-    """Sample prompts for this rank and step, G completions each, their rewards and advantages."""
+            device: torch.device, guard: PreemptionGuard) -> Batch:
+    """Sample prompts for this rank and step, G completions each, their rewards and advantages.
+
+    Raises :class:`Preempted` on every rank when a stop is requested during generation."""
     per_rank = train.prompts_per_device * train.gradient_accumulation_steps
     examples = [source.example(i) for i in batch_indices(step, rank, world, per_rank)]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
@@ -150,7 +160,7 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
     was_training = module.training
     module.eval()
     out = generate(
-        module, prompt_ids, prompt_mask, grpo.num_generations, max_new_tokens=grpo.max_new_tokens,
+        guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations, max_new_tokens=grpo.max_new_tokens,
         temperature=grpo.temperature, top_p=grpo.top_p, eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id, generator=generator,
     )
@@ -196,10 +206,12 @@ def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> 
 
 
 def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, rank: int, world: int,
-               device: torch.device) -> None:
-    """Supervised steps on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see."""
+               device: torch.device, first: int, stop: Callable[[], bool]) -> int:
+    """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
+
+    Polls ``stop()`` after each step; returns the number of warm-up steps done (all of them unless stopped)."""
     eos = tokenizer.eos_token_id
-    for step in range(train.sft_warmup_steps):
+    for step in range(first, train.sft_warmup_steps):
         for i in range(train.gradient_accumulation_steps):
             indices = batch_indices(step * train.gradient_accumulation_steps + i, rank, world, train.prompts_per_device)
             examples = [source.example(SFT_OFFSET + j) for j in indices]
@@ -213,17 +225,42 @@ def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, r
             logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1)
             policy.backward(-(logps * mask).sum() / mask.sum())
             policy.step()
+        if stop():
+            return step + 1
+    return train.sft_warmup_steps
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
-    # ---------------------------------------------------------------- set-up: cheap checks first
+@dataclass
+class Plan:
+    """What the cheap set-up checks established; :func:`run` builds and trains from it."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    grpo: GRPOArguments
+    train: TrainArguments
+    tokenizer: PreTrainedTokenizerBase
+    config: PretrainedConfig
+    source: PromptSource
+    reward_fn: Callable
+    ds_config: dict
+    max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
+
+
+def _tag(step: int, sft_step: int | None) -> str:
+    return f"step {step}" if sft_step is None else f"warm-up step {sft_step}"
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments,
+            train: TrainArguments) -> Plan:
+    """Every check that needs no process group and no weights. Raises ValueError, TypeError, OSError or
+    ImportError naming the culprit; `launch/train.py` prints those as one line."""
     check_args(model_args, data_args, grpo, train)
     tokenizer = load_tokenizer(model_args.model)
     config = load_config(model_args.model)
     source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed)
-    check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
+    max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
+    check_patchable(config, max_length)
     reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
-
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -231,7 +268,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
         lr=train.learning_rate, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
         total_steps=train.sft_warmup_steps + train.max_steps * grpo.num_iterations,
     )
+    return Plan(model_args, data_args, grpo, train, tokenizer, config, source, reward_fn, ds_config, max_length)
 
+
+def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
+    """Check, build, train, checkpoint and export: :func:`prepare` then :func:`run`."""
+    run(prepare(model_args, data_args, grpo, train))
+
+
+def run(plan: Plan) -> None:
+    model_args, grpo, train, tokenizer, source = plan.model_args, plan.grpo, plan.train, plan.tokenizer, plan.source
+    # ---------------------------------------------------------------- set-up
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
@@ -239,33 +286,58 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
         # CPU ranks on one node share its cores; oversubscribed threads stall every collective
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     deepspeed.runtime.utils.set_random_seed(train.seed)
-    dtype = DTYPES[model_args.dtype]
-    policy = init_policy(build_model(model_args.model, ds_config, dtype=dtype,
-                                     gradient_checkpointing=model_args.gradient_checkpointing), ds_config)
+    dtype = DTYPES[dtype_name(model_args.dtype)]
+    policy = init_policy(build_model(model_args.model, plan.ds_config, dtype=dtype, max_length=plan.max_length,
+                                     gradient_checkpointing=model_args.gradient_checkpointing), plan.ds_config)
     reference = None
     if grpo.beta > 0:
         deepspeed.runtime.utils.set_random_seed(train.seed)  # a preset's reference gets the policy's initial weights
-        reference = init_reference(model_args.model, ds_config, dtype=dtype)
+        reference = init_reference(model_args.model, plan.ds_config, dtype=dtype, max_length=plan.max_length)
     for engine in (policy, reference):
         if engine is not None:
-            patch_model(engine, backend=model_args.attention_backend)
-    state = load_checkpoint(policy, train.output_dir) if train.resume else None
-    start = state["step"] if state else 0
-    if rank == 0 and state:
-        print(f"[pg_deepspeed] resumed from step {start} in {train.output_dir}", flush=True)
+            patch_model(engine, backend=model_args.attention_backend, max_length=plan.max_length)
     guard = PreemptionGuard()
+    state = load_checkpoint(policy, train.output_dir) if train.resume else None
+    start, sft_done, saved = 0, 0, None  # saved: the newest complete checkpoint, as (step, sft_step)
+    if state is not None:
+        start, saved = state["step"], (state["step"], state.get("sft_step"))
+        sft_done = train.sft_warmup_steps if saved[1] is None else saved[1]
+        if rank == 0:
+            print(f"[pg_deepspeed] resumed from {_tag(*saved)} in {train.output_dir}", flush=True)
     nodes = [0] * world
     dist.all_gather_object(nodes, node_rank())
     logger = MetricsLogger(train.output_dir, rank=rank, total_steps=train.max_steps, start_step=start)
-    if state is None and train.sft_warmup_steps:
-        sft_warmup(policy, tokenizer, source, train, rank, world, device)
+
+    def save(step: int, sft_step: int | None = None, rng_state: dict | None = None) -> None:
+        nonlocal saved
+        if saved != (step, sft_step):  # never over the newest complete checkpoint (a resume that has nothing to do)
+            save_checkpoint(policy, train.output_dir, step, {"data_position": step}, sft_step=sft_step,
+                            total_limit=train.save_total_limit, rng_state=rng_state)
+            saved = (step, sft_step)
+
+    def stop(step: int, sft_step: int | None = None, rng_state: dict | None = None, during: str = "") -> None:
+        save(step, sft_step, rng_state)
+        if rank == 0:
+            print(f"[pg_deepspeed] stop requested{during}: checkpoint at {_tag(step, sft_step)}, requeueing",
+                  flush=True)
+        logger.close()
+        guard.requeue()
+
+    if sft_done < train.sft_warmup_steps:
+        sft_done = sft_warmup(policy, tokenizer, source, train, rank, world, device, sft_done, guard.stop_requested)
+        if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
+            return stop(0, sft_done if sft_done < train.sft_warmup_steps else None)
 
     # ---------------------------------------------------------------- the loop
     logprob_passes = grpo.num_iterations + (grpo.num_iterations > 1) + (grpo.beta > 0)
     step = start
     while step < train.max_steps:
         t0 = time.perf_counter()
-        batch = rollout(policy, tokenizer, source, reward_fn, grpo, train, step, rank, world, device)
+        at_boundary = current_rng_state()
+        try:
+            batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, rank, world, device, guard)
+        except Preempted:
+            return stop(step, rng_state=at_boundary, during=f" during the rollout of step {step + 1}")
         t_rollout = time.perf_counter() - t0
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         stats = update(policy, batch, grpo, train)
@@ -273,34 +345,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
 
         all_rewards = all_gather_cat(batch.rewards)
         G = grpo.num_generations
-        saved = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
+        skipped = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
-        loss, kl, clip_frac, saved, tokens, completion_len, elapsed, t_rollout = all_mean(
-            [stats["loss"], stats["kl"], stats["clip_frac"], saved, tokens,
+        loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout = all_mean(
+            [stats["loss"], stats["kl"], stats["clip_frac"], skipped, tokens,
              float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout])
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
             "completion_length": completion_len, "tokens_per_s": tokens * world / elapsed,
-            "prefix_tokens_saved": int(saved * world * logprob_passes),
-            "step_time_s": elapsed, "rollout_time_s": t_rollout, "lr": policy.get_lr()[0], "world_size": world, "node_ranks": nodes,
+            "prefix_tokens_saved": int(skipped * world * logprob_passes),
+            "step_time_s": elapsed, "rollout_time_s": t_rollout, "lr": policy.get_lr()[0], "world_size": world,
+            "node_ranks": nodes,
         })
-
         if train.save_steps and step % train.save_steps == 0:
-            save_checkpoint(policy, train.output_dir, step, {"data_position": step})
+            save(step)
         if guard.stop_requested():
-            if not (train.save_steps and step % train.save_steps == 0):
-                save_checkpoint(policy, train.output_dir, step, {"data_position": step})
-            if rank == 0:
-                print(f"[pg_deepspeed] preempted: checkpoint at step {step}, requeueing", flush=True)
-            logger.close()
-            guard.requeue()
-            return
+            return stop(step)
 
     # ---------------------------------------------------------------- checkpoint and export
-    if not (train.save_steps and step % train.save_steps == 0):
-        save_checkpoint(policy, train.output_dir, step, {"data_position": step})
+    save(step)
     if train.export:
         export_hf(policy, tokenizer, os.path.join(train.output_dir, "export"))
     logger.close()

@@ -27,10 +27,11 @@ from reference import padded_completion_logprobs  # noqa: E402
 
 from pg_deepspeed import completion_logprobs  # noqa: E402
 from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
-from pg_deepspeed.engine import (  # noqa: E402
-    build_model, export_hf, init_policy, init_reference, load_checkpoint, load_tokenizer, reference_config,
-    save_checkpoint,
+from pg_deepspeed.build import (  # noqa: E402
+    build_model, init_policy, init_reference, load_tokenizer, reference_config,
 )
+from pg_deepspeed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pg_deepspeed.export import export_hf  # noqa: E402
 from pg_deepspeed.presets import preset_config  # noqa: E402
 
 MODEL, SEED, STEPS, SAVE_AT, LR = "tiny-qwen2", 1234, 3, 2, 1e-3

@@ -114,6 +114,24 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
     return decoder
 
 
+def _start_zero3_trace_step(model: nn.Module) -> None:
+    """Start a step of DeepSpeed ZeRO-3's prefetch trace when `model` is a ZeRO-3 engine; otherwise nothing.
+
+    ZeRO-3 records the order of submodule calls between two calls of the root module (whose forward pre-hook calls
+    the parameter coordinator's `reset_step`) and prefetches by that order while later steps repeat it. This pass
+    calls the decoder and the LM head, never the root module, so an engine that runs only these passes (the frozen
+    reference) never starts a step: its trace stays invalid and it never prefetches (benchmarks/zero3_trace.py).
+    Given the engine, each pass is one trace step, as a call of the model would be. Duck-typed, so that this layer
+    does not import deepspeed: a stage-3 optimizer holds `parameter_offload`; an optimizer-less engine's
+    `optimizer` is that offload object itself.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    coordinator = getattr(offload, "get_param_coordinator", None)
+    if callable(coordinator):
+        coordinator().reset_step()
+
+
 def _completion_rows(layout: PrefixGroupLayout, x: Tensor) -> Tensor:
     """x: [Ts] in `suffix_index` order -> [N, Lc], 0 at padded places (differentiable)."""
     out = x.new_zeros(layout.num_members, layout.completion_width)
@@ -161,7 +179,8 @@ def completion_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
 
-    model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one.
+    model: a `patch_model`-ed causal LM, or a DeepSpeed engine around one (a ZeRO-3 engine then starts a step of
+        its prefetch trace here; see `_start_zero3_trace_step`).
     prompt_ids, prompt_mask: [B, Lp], left- or right-padded, one row per group.
     completion_ids, completion_mask: [N, Lc], right-padded, the G_g rows of group g consecutive.
     group_size: G for every group, or a list of B sizes.
@@ -192,6 +211,7 @@ def completion_logprobs(
     layout = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, sizes)
     ids = layout.pack(prompt_ids, completion_ids)
 
+    _start_zero3_trace_step(model)
     out = _decoder(hf)(
         input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout, use_cache=False
     )

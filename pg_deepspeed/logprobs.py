@@ -104,16 +104,26 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
 
 
 def _begin_engine_forward(model: nn.Module) -> None:
-    """What a DeepSpeed engine's own `forward` does first, for this pass that calls the decoder and head itself.
+    """What a DeepSpeed engine's own `forward` (and its root module's pre-hook) does first, for this pass that
+    calls the decoder and the LM head itself; a no-op for a plain model. Duck-typed: this layer imports no DeepSpeed.
 
-    ZeRO-3 counts micro-batches there (`optimizer.clear_backward_seen_flag()` advances `micro_step_id`, which
-    decides whether a backward's gradients overwrite or accumulate into the partitions): without it, every
-    micro-batch of a gradient-accumulation step but the last is lost (deepspeed 0.19.8; tests/dist/token_mean.py).
-    Duck-typed, so that this layer imports no DeepSpeed; a no-op for a plain model.
+    - Micro-batches: ZeRO-3 counts them in `engine.forward` (`optimizer.clear_backward_seen_flag()` advances
+      `micro_step_id`, which decides whether a backward's gradients overwrite or accumulate into the partitions):
+      without it every micro-batch of a gradient-accumulation step but the last is lost (deepspeed 0.19.8;
+      tests/dist/token_mean.py).
+    - Prefetch: ZeRO-3 records the order of submodule calls between two calls of the root module (whose pre-hook
+      calls the parameter coordinator's `reset_step`) and prefetches by it. A pass that never calls the root module
+      never starts a trace step, so an engine that runs only these passes (the frozen reference) never prefetches
+      (benchmarks/zero3_trace.py). A stage-3 optimizer holds `parameter_offload`; an optimizer-less engine's
+      `optimizer` is that offload object itself.
     """
-    clear = getattr(getattr(model, "optimizer", None), "clear_backward_seen_flag", None)
+    optimizer = getattr(model, "optimizer", None)
+    clear = getattr(optimizer, "clear_backward_seen_flag", None)
     if callable(clear):
         clear()
+    coordinator = getattr(getattr(optimizer, "parameter_offload", optimizer), "get_param_coordinator", None)
+    if callable(coordinator):
+        coordinator().reset_step()
 
 
 def _group_sizes(group_size: GroupSize, num_prompts: int, num_completions: int) -> list[int]:

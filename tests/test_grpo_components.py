@@ -1,4 +1,4 @@
-"""GRPO pieces against hand-computed values: advantages, loss aggregations, rewards, data."""
+"""GRPO pieces against hand-computed values: advantages, loss aggregations, rewards, data, rollout stopping."""
 import json
 import math
 
@@ -9,6 +9,8 @@ from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.data import FileDataset, KVRetrievalTask, MajorityDigitTask, batch_indices, build_source
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
+from pg_deepspeed.grpo.rollout import generate
+from reference import tiny_causal_lm
 
 
 # ---------------------------------------------------------------- advantages
@@ -188,3 +190,96 @@ def test_dataset_row_without_prompt_is_named(tmp_path):
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="unknown --task 'sudoku'"):
         build_source("sudoku", None, 100, 0)
+
+
+# ---------------------------------------------------------------- rollout: stop, pad and mask at EOS
+EOS, PAD = 2, 0
+# The next token(s) after each token; two choices are sampled 50/50. Every path ends in EOS except 50 <-> 51.
+CHAIN = {
+    10: [EOS],                                   # EOS at the first step
+    20: [21], 21: [22], 22: [23], 23: [EOS],     # EOS at the fourth step
+    30: [31, 40], 31: [EOS],                     # EOS at the second step, or ...
+    40: [41], 41: [42], 42: [43], 43: [44], 44: [EOS],   # ... at the sixth
+    50: [51], 51: [50],                          # never
+}
+
+
+def markov_chain_lm():
+    """A real Llama whose next-token distribution depends only on the current token and follows CHAIN.
+
+    Its layers add nothing to the residual stream (o_proj and down_proj are zero), the embedding of token t is
+    the unit vector e_t (vocabulary = hidden size = 64), so the final norm gives 8·e_t and lm_head column t
+    holds the logits after t: 8 · 4 = 32 on each allowed next token, 0 elsewhere (any other token: p < 1e-12).
+    """
+    model = tiny_causal_lm("llama", vocab_size=64, hidden_size=64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(64))
+        model.lm_head.weight.zero_()
+        for token, successors in CHAIN.items():
+            model.lm_head.weight[successors, token] = 4.0
+    return model
+
+
+def rollout_and_forward_count(model, last_tokens, G, max_new_tokens, seed=0):
+    """Left-padded prompts of different lengths ending in `last_tokens`; returns (Rollout, forward calls)."""
+    prompt_ids = torch.tensor([[0, 0, 0, 5, 7], [0, 7, 8, 9, 6], [0, 0, 0, 0, 0]])[: len(last_tokens)].clone()
+    prompt_ids[:, -1] = torch.tensor(last_tokens)
+    prompt_mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]])[: len(last_tokens)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        out = generate(
+            model, prompt_ids, prompt_mask, G, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+            eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(seed),
+        )
+    finally:
+        hook.remove()
+    return out, len(calls)
+
+
+def chain_path(last_token, sampled, max_new_tokens):
+    """The tokens CHAIN allows after `last_token`, taking each 50/50 choice as `sampled` did; stops after EOS."""
+    path, token = [], last_token
+    while len(path) < max_new_tokens and token != EOS:
+        nxt = int(sampled[len(path)])
+        assert nxt in CHAIN[token], f"sampled {nxt} after {token}; the chain allows {CHAIN[token]}"
+        path.append(nxt)
+        token = nxt
+    return path
+
+
+def assert_rows_follow_chain(out, last_tokens, G, max_new_tokens):
+    """Each row: its chain path (EOS included) under mask 1, then PAD under mask 0."""
+    lengths = []
+    for row, (ids, mask) in enumerate(zip(out.completion_ids, out.completion_mask)):
+        path = chain_path(last_tokens[row // G], ids, max_new_tokens)
+        n = len(path)
+        assert ids[:n].tolist() == path, f"row {row}"
+        assert mask[:n].eq(1).all() and mask[n:].eq(0).all(), f"row {row}: mask {mask.tolist()}, length {n}"
+        assert ids[n:].eq(PAD).all(), f"row {row}: {ids.tolist()} not padded after {n} tokens"
+        lengths.append(n)
+    return lengths
+
+
+def test_rollout_stops_each_row_at_its_eos_and_stops_decoding_when_all_are_done():
+    """Rows end at EOS on steps 1, 4 and 2 or 6; EOS is inside the mask, PAD after; no forward after the last EOS."""
+    model, last_tokens, G, max_new_tokens = markov_chain_lm(), [10, 20, 30], 4, 16
+    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens)
+    lengths = assert_rows_follow_chain(out, last_tokens, G, max_new_tokens)
+    assert lengths[:8] == [1] * 4 + [4] * 4
+    assert set(lengths[8:]) == {2, 6}, "seed 0 samples both branches of token 30"  # fixed seed: deterministic
+    assert out.completion_ids.shape == (12, 6)          # trimmed to the longest row, not max_new_tokens
+    assert forwards == 6                                # the prefill and 5 decode steps: none after the last EOS
+
+
+def test_rollout_row_without_eos_runs_to_max_new_tokens_beside_finished_rows():
+    """A row that never samples EOS is cut at max_new_tokens with a full mask; the finished rows stay padded."""
+    model, last_tokens, G, max_new_tokens = markov_chain_lm(), [10, 50], 2, 5
+    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens)
+    lengths = assert_rows_follow_chain(out, last_tokens, G, max_new_tokens)
+    assert lengths == [1, 1, 5, 5]
+    assert out.completion_ids[2:].tolist() == [[51, 50, 51, 50, 51]] * 2 and EOS not in out.completion_ids[2:]
+    assert forwards == 5                                # the prefill and 4 decode steps: none for a 6th token

@@ -92,19 +92,6 @@ def test_prefix_once_rollout_matches_hf_generate_greedy(model):
     assert out.completion_mask.all()
 
 
-def test_rollout_stops_each_row_at_eos(model):
-    batch = random_batch(G=4, B=1)
-    out = generate(
-        model, batch.prompt_ids, batch.prompt_mask, 4, max_new_tokens=12, temperature=5.0, top_p=1.0,
-        eos_id=5, pad_id=0, generator=torch.Generator().manual_seed(1),
-    )
-    for row, mask in zip(out.completion_ids, out.completion_mask):
-        n = int(mask.sum())
-        assert (row[:n - 1] != 5).all()
-        assert row[n - 1] == 5 or n == 12
-        assert (row[n:] == 0).all()
-
-
 @pytest.mark.distributed
 def test_token_mean_is_the_mean_over_every_completion_token_of_the_optimizer_step(tmp_path):
     """Two ranks × two micro-batches of different completion lengths, one ZeRO-3 step through `update`, equal one

@@ -184,7 +184,7 @@ def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, tr
     if grpo.num_iterations > 1:
         batch.old_logps = torch.cat([sequence_logprobs(policy, p, grpo) for p in parts])
     if reference is not None:
-        batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])
+        batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])  # the engine: see logprobs
 
 
 def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> dict:

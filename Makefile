@@ -1,11 +1,13 @@
 # make test  - set up .venv if missing (CPU torch pinned when there is no CUDA) and run the tests
 # make demo  - the default GRPO job: two CPU ranks through the deepspeed launcher, tiny model
 # make gpu-check - on a GPU machine, first: conformance tests (-m cuda) + GPU bench presets -> docs/gpu-check.md
+# make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the
+#              one-process tests (core, patch, log-probs, rollout, data, metrics) run in it
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench install clean gpu-check
+.PHONY: test demo bench install clean gpu-check test-floors
 
 install: $(STAMP)
 
@@ -27,5 +29,24 @@ demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py \
 		--ds_config ds_configs/zero3_cpu.json --output_dir outputs/demo
 
+# The floors: .ci/floors.py turns setup.cfg's `name>=X` lines into `name==X` constraints (one source of truth).
+FLOORS_VENV  ?= .venv-floors
+FLOORS_PY    := $(FLOORS_VENV)/bin/python
+FLOORS_STAMP := $(FLOORS_VENV)/.installed
+FLOORS_TESTS := tests/test_layout.py tests/test_attention.py tests/test_patch.py tests/test_logprobs.py \
+	tests/test_compat.py tests/test_grpo_update.py tests/test_grpo_components.py tests/test_grpo_metrics.py
+
+$(FLOORS_STAMP): setup.cfg pyproject.toml .ci/floors.py
+	test -x $(FLOORS_PY) || python3 -m venv $(FLOORS_VENV)
+	python3 .ci/floors.py setup.cfg > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_PY) -m pip install -q --upgrade pip
+	$(FLOORS_PY) -m pip install -q -c $(FLOORS_VENV)/floors.txt -e '.[test]'
+	$(FLOORS_PY) -m pip check
+	touch $(FLOORS_STAMP)
+
+test-floors: $(FLOORS_STAMP)
+	$(FLOORS_PY) -m pip freeze | grep -iE "^($$(cut -d= -f1 $(FLOORS_VENV)/floors.txt | paste -sd'|'))=="
+	$(FLOORS_PY) -m pytest -q $(FLOORS_TESTS)
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOORS_VENV) outputs .pytest_cache .hypothesis

@@ -44,6 +44,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import BACKENDS, prefix_grouper_attention
+from .compat import CACHE_NAMES
 from .layout import PrefixGroupLayout
 from .tree import PrefixTreeLayout
 from .support import CallLimits, call_limits, unsupported_reasons
@@ -203,8 +204,9 @@ def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: Pre
         raise ValueError(f"inputs are on {x.device} but the layout is on {layout.device}; use layout.to(device)")
     if arguments.get("attention_mask") is not None:
         raise ValueError("pass attention_mask=None with a prefix_layout: the layout defines the attention")
-    if arguments.get("past_key_values") is not None:
-        raise ValueError("past_key_values cannot be combined with a prefix_layout")
+    for name in CACHE_NAMES:
+        if arguments.get(name) is not None:
+            raise ValueError(f"{name} cannot be combined with a prefix_layout")
     _state_of(module).limits.check(layout)
 
 

@@ -147,6 +147,15 @@ def test_bad_packed_calls_raise(kwargs, match):
         model(**call, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_kv_cache_under_either_name_is_refused_with_a_layout(name):
+    """transformers 5.24 renamed `past_key_values` to `cache`: neither name may slip past the packed-call check."""
+    model = patch_model(tiny_causal_lm("llama"))
+    layout, ids, *_ = _random_layout(0)
+    with pytest.raises(ValueError, match=rf"^{name} cannot be combined with a prefix_layout"):
+        model(input_ids=ids[None], prefix_layout=layout, **{name: tf.DynamicCache(config=model.config)})
+
+
 def test_attention_dropout_is_refused_in_a_packed_training_forward():
     model = patch_model(tiny_causal_lm("llama", attention_dropout=0.1)).train()
     layout, ids, *_ = _random_layout(0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..compat import CACHE_KWARG, returned_cache
 from .collective import any_rank
 
 
@@ -56,7 +57,7 @@ def generate(
     G = num_generations
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(G)
     logits = out.logits[:, -1].repeat_interleave(G, 0)
     attention_mask = prompt_mask.repeat_interleave(G, 0)
@@ -77,7 +78,7 @@ def generate(
         attention_mask = torch.cat([attention_mask, torch.ones_like(tok)[:, None]], 1)
         out = model(
             input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{CACHE_KWARG: cache},
         )
         logits = out.logits[:, -1]
         next_pos = next_pos + 1

@@ -13,7 +13,7 @@ class ModelArguments:
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     attention_backend: str = field(
-        default="auto", metadata={"help": "Prefix-grouped attention kernel: auto, flash_attn, torch or cpu."}
+        default="auto", metadata={"help": "Prefix-grouped attention kernel: auto, flash_attn_3, flash_attn, torch or cpu."}
     )
 
 

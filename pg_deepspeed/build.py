@@ -31,7 +31,9 @@ from .presets import PRESETS, is_preset, preset_config
 from .tokenizer import build_char_tokenizer
 
 # Files a Hugging Face model directory holds its weights in (transformers' names).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 
 _HF_DS_CONFIG: HfDeepSpeedConfig | None = None  # the strong reference transformers' weakref needs (see module doc)
 

@@ -4,6 +4,7 @@ Layout under ``output_dir/checkpoints``::
 
     step_6/   DeepSpeed's files (weights, optimizer, scheduler, our client state), rng_state_rank{r}.pt per rank,
               and complete.json, written last
+    sft_2/    the same, taken during the supervised warm-up (2 warm-up steps done, before GRPO step 1)
     latest    "step_6": the newest complete checkpoint, for DeepSpeed's own tools (zero_to_fp32.py, load_checkpoint)
 
 A save counts only once every rank has finished writing it. DeepSpeed's ``save_checkpoint`` writes ``latest`` from

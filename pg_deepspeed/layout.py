@@ -20,6 +20,23 @@ from .plan import AttentionPlan, build_plan, path_predecessors
 GroupSize = Union[int, Sequence[int]]
 
 
+def group_sizes(group_size: GroupSize, num_groups: int, num_members: int, *,
+                groups: str = "prompts", members: str = "completions") -> list[int]:
+    """G_g for each of `num_groups` groups from an int (every group) or a list; raises naming what is wrong.
+
+    groups / members: how the caller names its rows in the errors ("prompt_mask rows", say)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, Sequence)):
+        raise TypeError(f"group_size must be an int or a list of ints, got {type(group_size)}")
+    sizes = [group_size] * num_groups if isinstance(group_size, int) else list(group_size)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ValueError(f"group_size must be >= 1 for every group (positive ints), got {group_size}")
+    if len(sizes) != num_groups:
+        raise ValueError(f"group_size lists {len(sizes)} groups but there are {num_groups} {groups}")
+    if sum(sizes) != num_members:
+        raise ValueError(f"group sizes add up to {sum(sizes)} but there are {num_members} {members}")
+    return sizes
+
+
 @dataclass(frozen=True, eq=False)
 class PrefixGroupLayout:
     """Index tensors for one packed micro-batch; build it with `from_lengths` or `from_masks`.
@@ -150,14 +167,8 @@ class PrefixGroupLayout:
             raise ValueError(
                 f"prompt_mask is on {prompt_mask.device} but completion_mask is on {completion_mask.device}"
             )
-        B, N = prompt_mask.shape[0], completion_mask.shape[0]
-        sizes = [int(group_size)] * B if isinstance(group_size, int) else [int(s) for s in group_size]
-        if len(sizes) != B:
-            raise ValueError(f"group_size lists {len(sizes)} groups but prompt_mask has {B} rows")
-        if any(s < 1 for s in sizes):
-            raise ValueError(f"group_size must be >= 1 for every group, got {sizes}")
-        if sum(sizes) != N:
-            raise ValueError(f"group sizes add up to {sum(sizes)} but completion_mask has {N} rows")
+        sizes = group_sizes(group_size, prompt_mask.shape[0], completion_mask.shape[0], groups="prompt_mask rows",
+                            members="completion_mask rows")
 
         pm, cm = prompt_mask.bool(), completion_mask.bool()
         p_lens = pm.sum(1)

@@ -11,17 +11,17 @@ Ts = sum of completion lengths, H hidden size, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from .layout import GroupSize, group_sizes
 from .packing import pack_completions
 from .patch import unwrap_model
 
-GroupSize = Union[int, Sequence[int]]
 DEFAULT_CHUNK_SIZE = 512
 
 
@@ -124,19 +124,6 @@ def _begin_engine_forward(model: nn.Module) -> None:
     coordinator = getattr(getattr(optimizer, "parameter_offload", optimizer), "get_param_coordinator", None)
     if callable(coordinator):
         coordinator().reset_step()
-
-
-def _group_sizes(group_size: GroupSize, num_prompts: int, num_completions: int) -> list[int]:
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, Sequence)):
-        raise TypeError(f"group_size must be an int or a list of ints, got {type(group_size)}")
-    sizes = [group_size] * num_prompts if isinstance(group_size, int) else list(group_size)
-    if not all(isinstance(s, int) and s >= 1 for s in sizes):
-        raise ValueError(f"group_size must hold positive ints, got {group_size}")
-    if len(sizes) != num_prompts:
-        raise ValueError(f"group_size lists {len(sizes)} groups but there are {num_prompts} prompts")
-    if sum(sizes) != num_completions:
-        raise ValueError(f"group sizes add up to {sum(sizes)} but there are {num_completions} completions")
-    return sizes
 
 
 def _check_inputs(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> None:
@@ -243,7 +230,7 @@ def completion_logprobs(
         three-level tree. Ignored with `prefix_grouping=False`.
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    sizes = _group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
+    sizes = group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
     _check_options(temperature, chunk_size)
     if isinstance(preamble, bool) or not isinstance(preamble, int) or preamble < 0:
         raise ValueError(f"preamble must be a non-negative int, got {preamble!r}")

@@ -43,7 +43,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import BACKENDS, prefix_grouper_attention
+from .attention import check_backend_name, prefix_grouper_attention
 from .compat import CACHE_NAMES
 from .layout import PrefixGroupLayout
 from .tree import PrefixTreeLayout
@@ -272,8 +272,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
     Calling it again is harmless (it updates `backend` / `max_length`).
     """
     hf = unwrap_model(model)
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+    check_backend_name(backend)
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     text = hf.config.get_text_config()

@@ -67,8 +67,8 @@ def test_unpack_is_differentiable():
 @pytest.mark.parametrize(
     "prompt_mask, completion_mask, group_size, message",
     [
-        ([[1, 1]], [[1], [1]], 3, r"group sizes add up to 3 but completion_mask has 2 rows"),
-        ([[1, 1], [1, 1]], [[1], [1]], [1], r"group_size lists 1 groups but prompt_mask has 2 rows"),
+        ([[1, 1]], [[1], [1]], 3, r"group sizes add up to 3 but there are 2 completion_mask rows"),
+        ([[1, 1], [1, 1]], [[1], [1]], [1], r"group_size lists 1 groups but there are 2 prompt_mask rows"),
         ([[0, 0]], [[1], [1]], 2, r"prompt_mask row 0 \(group 0\) is empty"),
         ([[1, 0, 1]], [[1], [1]], 2, r"prompt_mask row 0 \(group 0\) has holes"),
         ([[1, 1]], [[1, 0, 1], [1, 0, 0]], 2, r"completion_mask row 0 has holes"),

@@ -27,6 +27,12 @@ BACKENDS: dict[str, ModuleType] = {"flash_attn_3": flash3, "flash_attn": flash, 
 _warned_slow: set[tuple[str, torch.dtype]] = set()
 
 
+def check_backend_name(name: str) -> None:
+    """Raise ValueError naming the choices unless `name` is "auto" or a backend."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module for `name` ("auto" picks the fastest that can run); raises if it cannot run.
 
@@ -51,8 +57,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
                 RuntimeWarning, stacklevel=2,
             )
         return BACKENDS[chosen]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    check_backend_name(name)
     reason = BACKENDS[name].available(device, dtype)
     if reason is not None:
         raise RuntimeError(reason)

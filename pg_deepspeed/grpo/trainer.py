@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from ..attention import BACKENDS
+from ..attention import check_backend_name
 from ..build import build_model, check_patchable, init_policy, init_reference, load_config, load_tokenizer
 from ..checkpoint import current_rng_state, load_checkpoint, save_checkpoint
 from ..ds_config import DTYPES, dtype_name, load_ds_config
@@ -62,8 +62,10 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
     """Refuse contradictory or impossible settings before any heavy work."""
     if not os.path.isfile(train.ds_config):
         raise FileNotFoundError(f"--ds_config {train.ds_config!r} does not exist")
-    if model.attention_backend not in ("auto", *BACKENDS):
-        raise ValueError(f"--attention_backend must be one of {['auto', *BACKENDS]}, got {model.attention_backend!r}")
+    try:
+        check_backend_name(model.attention_backend)
+    except ValueError as error:
+        raise ValueError(f"--attention_backend: {error}") from None
     try:
         dtype_name(model.dtype)
     except ValueError as error:

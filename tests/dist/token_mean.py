@@ -23,6 +23,7 @@ from reference import padded_completion_logprobs, tiny_causal_lm  # noqa: E402
 from pg_deepspeed import patch_model  # noqa: E402
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments  # noqa: E402
 from pg_deepspeed.grpo.trainer import Batch, update  # noqa: E402
+from zero3_train import full_weights  # noqa: E402  (this directory is the script's, so on sys.path)
 
 PROMPTS, GROUP, MICRO_BATCHES, LR = 2, 3, 2, 0.5
 # completion lengths per (rank, micro-batch): short and long on both ranks, in a different order
@@ -42,14 +43,6 @@ def rank_batch(rank: int) -> Batch:
     return Batch(torch.randint(4, 128, (B, Lp), generator=g) * prompt_mask, prompt_mask,
                  torch.randint(4, 128, (N, Lc), generator=g) * completion_mask, completion_mask,
                  rewards=torch.zeros(N), advantages=advantages)
-
-
-def full_weights(module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            out[name] = param.detach().clone()
-    return out
 
 
 def reference_update(initial: dict[str, torch.Tensor], batches: list[Batch], per_micro_batch: bool):

@@ -232,7 +232,8 @@ def test_lora_top_entropy_quantile_and_temperature_match_stock(local_model, tmp_
 
 def test_moe_load_balancing_loss_falls_back_to_trl_with_one_warning(tmp_path):
     path = tmp_path / "tiny_moe"
-    tiny_causal_lm("qwen3_moe", vocab_size=VOCAB_SIZE, output_router_logits=True).save_pretrained(path)
+    # the config has output_router_logits (False) and router_aux_loss_coef 0.001, so TRL asks for the aux loss
+    tiny_causal_lm("qwen3_moe", vocab_size=VOCAB_SIZE).save_pretrained(path)
     build_char_tokenizer().save_pretrained(path)
     settings = dict(max_steps=1, beta=0.1)
     stock = _train(GRPOTrainer, str(path), tmp_path, **settings)

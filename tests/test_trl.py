@@ -243,3 +243,24 @@ def test_moe_load_balancing_loss_falls_back_to_trl_with_one_warning(tmp_path):
     named = [w for w in caught if "compute_aux_loss" in str(w.message) and "cannot be prefix-grouped" in str(w.message)]
     assert len(named) == 1, [str(w.message) for w in caught]
     _assert_same_run(stock, grouped)
+
+
+@pytest.mark.distributed
+def test_two_processes_with_a_group_split_across_them_match_stock(local_model, tmp_path):
+    from conftest import run_deepspeed
+
+    run = run_deepspeed("tests/dist/trl_two_ranks.py", "--model", local_model, "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for rank in ranks:
+        stock, grouped = rank["GRPOTrainer"], rank["PrefixGroupedGRPOTrainer"]
+        assert grouped["prompts"] == stock["prompts"]
+        _assert_same_run(tuple(stock[k] for k in ("losses", "tokens", "weights", "prompts")),
+                         tuple(grouped[k] for k in ("losses", "tokens", "weights", "prompts")))
+    # DDP averaged the gradients: both ranks hold the same weights
+    for name, w in ranks[0]["PrefixGroupedGRPOTrainer"]["weights"].items():
+        torch.testing.assert_close(w, ranks[1]["PrefixGroupedGRPOTrainer"]["weights"][name], rtol=0, atol=0, msg=name)
+    # in every step one prompt had rows on both ranks, fewer than 4 on each
+    for step0, step1 in zip(ranks[0]["PrefixGroupedGRPOTrainer"]["prompts"], ranks[1]["PrefixGroupedGRPOTrainer"]["prompts"]):
+        shared = set(step0) & set(step1)
+        assert shared and all(step0.count(p) < 4 and step1.count(p) < 4 for p in shared)

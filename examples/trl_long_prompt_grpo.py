@@ -8,7 +8,7 @@ trl.GRPOTrainer. Everything else (GRPOConfig, rewards, accelerate / DeepSpeed co
         --num_generations 8 --max_completion_length 128 --per_device_train_batch_size 8 --max_steps 100
     # several processes (DDP) or ZeRO-3: the usual accelerate launch
     accelerate launch --num_processes 8 examples/trl_long_prompt_grpo.py --model_dir ... --deepspeed ds.json
-    # offline smoke run on CPU: writes a tiny random model and 4096-character prompts into --output_dir first
+    # offline smoke run on CPU: writes a tiny random model and 2048-character prompts into --output_dir first
     python examples/trl_long_prompt_grpo.py --demo --output_dir /tmp/trl_demo --use_cpu --bf16 false \
         --max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --max_completion_length 16
 """
@@ -30,7 +30,7 @@ class ScriptArguments:
     demo: bool = field(default=False, metadata={"help": "build a tiny random model and long prompts offline"})
 
 
-def write_demo(out: Path, prompts: int = 16, prompt_chars: int = 4096) -> tuple[str, str]:
+def write_demo(out: Path, prompts: int = 16, prompt_chars: int = 2048) -> tuple[str, str]:
     """A tiny random Qwen2 with the char tokenizer and `prompts` random prompts, saved under `out`."""
     from pg_deepspeed.presets import preset_config
     from pg_deepspeed.tokenizer import build_char_tokenizer

@@ -131,7 +131,7 @@ def _reward(completions, **kwargs):
 
 def _train(trainer_cls, path, tmp_path, peft_config=None, **overrides):
     """Run trainer_cls.train(); return (every micro-batch loss, tokens embedded with grad enabled, final weights,
-    every micro-batch's inputs)."""
+    every micro-batch's inputs, the class of the model the loss saw: the wrapper when there is one)."""
     tokenizer = build_char_tokenizer()
     tokenizer.padding_side = "left"
     settings = dict(
@@ -146,7 +146,10 @@ def _train(trainer_cls, path, tmp_path, peft_config=None, **overrides):
     losses, tokens, batches = [], [0], []
     compute_loss = trainer.compute_loss
 
+    wrappers = set()
+
     def recorded_loss(model, inputs, *args, **kwargs):
+        wrappers.add(type(model).__name__)
         loss = compute_loss(model, inputs, *args, **kwargs)
         losses.append(loss.item())
         batches.append(inputs)
@@ -159,12 +162,19 @@ def _train(trainer_cls, path, tmp_path, peft_config=None, **overrides):
     trainer.compute_loss = recorded_loss  # observes the loss of every micro-batch; TRL's own method computes it
     trainer.model.get_input_embeddings().register_forward_hook(count_tokens)
     trainer.train()
-    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    return losses, tokens[0], weights, batches
+    params = dict(trainer.model.named_parameters())
+    if any(hasattr(p, "ds_id") for p in params.values()):  # ZeRO-3 partitions: gather the full weights
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            weights = {name: p.detach().clone() for name, p in params.items()}
+    else:
+        weights = {name: p.detach().clone() for name, p in params.items()}
+    return losses, tokens[0], weights, batches, sorted(wrappers)
 
 
 def _assert_same_run(stock, grouped, initial_path=None, rel=1e-4):
-    (stock_losses, _, stock_weights, _), (losses, _, weights, _) = stock, grouped
+    (stock_losses, _, stock_weights, *_), (losses, _, weights, *_) = stock, grouped
     assert len(losses) == len(stock_losses) > 0
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), rtol=rel, atol=1e-6)
     for name, w in weights.items():
@@ -246,18 +256,21 @@ def test_moe_load_balancing_loss_falls_back_to_trl_with_one_warning(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_with_a_group_split_across_them_match_stock(local_model, tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "zero3"])
+def test_two_processes_with_a_group_split_across_them_match_stock(local_model, tmp_path, wrapper):
     from conftest import run_deepspeed
 
-    run = run_deepspeed("tests/dist/trl_two_ranks.py", "--model", local_model, "--out", str(tmp_path))
+    run = run_deepspeed("tests/dist/trl_two_ranks.py", "--model", local_model, "--out", str(tmp_path),
+                        *(["--zero3"] if wrapper == "zero3" else []))
     assert run.returncode == 0, run.stdout[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for rank in ranks:
         stock, grouped = rank["GRPOTrainer"], rank["PrefixGroupedGRPOTrainer"]
         assert grouped["prompts"] == stock["prompts"]
-        _assert_same_run(tuple(stock[k] for k in ("losses", "tokens", "weights", "prompts")),
-                         tuple(grouped[k] for k in ("losses", "tokens", "weights", "prompts")))
-    # DDP averaged the gradients: both ranks hold the same weights
+        assert grouped["wrapper"] == stock["wrapper"] == [{"ddp": "DistributedDataParallel", "zero3": "DeepSpeedEngine"}[wrapper]]
+        _assert_same_run(tuple(stock[k] for k in ("losses", "tokens", "weights")),
+                         tuple(grouped[k] for k in ("losses", "tokens", "weights")))
+    # the gradients were averaged over the ranks (DDP; ZeRO-3 gathers one copy): both ranks hold the same weights
     for name, w in ranks[0]["PrefixGroupedGRPOTrainer"]["weights"].items():
         torch.testing.assert_close(w, ranks[1]["PrefixGroupedGRPOTrainer"]["weights"][name], rtol=0, atol=0, msg=name)
     # in every step one prompt had rows on both ranks, fewer than 4 on each

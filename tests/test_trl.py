@@ -53,7 +53,8 @@ def _shuffled_trl_batch(seed: int):
             completion_mask.append((torch.arange(Lc) < length).long())
     completion_mask[4] = torch.zeros(Lc, dtype=torch.long)
     prompt_ids = torch.stack(rows)
-    prompt_mask = (torch.arange(Lp) >= Lp - torch.tensor([len(p) for p, s in zip(prompts, sizes) for _ in range(s)])[:, None]).long()
+    row_lens = torch.tensor([len(p) for p, size in zip(prompts, sizes) for _ in range(size)])
+    prompt_mask = (torch.arange(Lp) >= Lp - row_lens[:, None]).long()
     perm = torch.randperm(len(rows), generator=g)
     ids = torch.cat([prompt_ids, torch.stack(completion_ids)], 1)
     mask = torch.cat([prompt_mask, torch.stack(completion_mask)], 1)
@@ -87,7 +88,9 @@ def test_gradients_flow_back_to_the_rows_trl_handed_over():
     pg_deepspeed.patch_model(model)
     ids, mask, Lc, perm = _shuffled_trl_batch(seed=4)
     weights = torch.randn(len(perm), Lc, generator=torch.Generator().manual_seed(0))
-    want_logps, want_ent = padded_completion_logprobs(reference, ids[:, :-Lc], mask[:, :-Lc], ids[:, -Lc:], mask[:, -Lc:], 1)
+    want_logps, want_ent = padded_completion_logprobs(
+        reference, ids[:, :-Lc], mask[:, :-Lc], ids[:, -Lc:], mask[:, -Lc:], 1
+    )
     (want_logps[perm] * weights + want_ent[perm]).sum().backward()
     logps, ent = grouped_logprobs(model, ids[perm], mask[perm], Lc, temperature=1.0, return_entropy=True)
     (logps * weights + ent).sum().backward()
@@ -267,13 +270,15 @@ def test_two_processes_with_a_group_split_across_them_match_stock(local_model, t
     for rank in ranks:
         stock, grouped = rank["GRPOTrainer"], rank["PrefixGroupedGRPOTrainer"]
         assert grouped["prompts"] == stock["prompts"]
-        assert grouped["wrapper"] == stock["wrapper"] == [{"ddp": "DistributedDataParallel", "zero3": "DeepSpeedEngine"}[wrapper]]
+        expected = {"ddp": "DistributedDataParallel", "zero3": "DeepSpeedEngine"}[wrapper]
+        assert grouped["wrapper"] == stock["wrapper"] == [expected]
         _assert_same_run(tuple(stock[k] for k in ("losses", "tokens", "weights")),
                          tuple(grouped[k] for k in ("losses", "tokens", "weights")))
     # the gradients were averaged over the ranks (DDP; ZeRO-3 gathers one copy): both ranks hold the same weights
     for name, w in ranks[0]["PrefixGroupedGRPOTrainer"]["weights"].items():
         torch.testing.assert_close(w, ranks[1]["PrefixGroupedGRPOTrainer"]["weights"][name], rtol=0, atol=0, msg=name)
     # in every step one prompt had rows on both ranks, fewer than 4 on each
-    for step0, step1 in zip(ranks[0]["PrefixGroupedGRPOTrainer"]["prompts"], ranks[1]["PrefixGroupedGRPOTrainer"]["prompts"]):
+    steps = (ranks[0]["PrefixGroupedGRPOTrainer"]["prompts"], ranks[1]["PrefixGroupedGRPOTrainer"]["prompts"])
+    for step0, step1 in zip(*steps):
         shared = set(step0) & set(step1)
         assert shared and all(step0.count(p) < 4 and step1.count(p) < 4 for p in shared)

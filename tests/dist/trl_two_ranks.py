@@ -4,9 +4,10 @@
 
 The deepspeed launcher starts the two processes (gloo on CPU); the trainers run TRL's default multi-process setup,
 DistributedDataParallel through accelerate, or with --zero3 DeepSpeed ZeRO-3 through accelerate (GRPOConfig's
-`deepspeed=`, which also makes TRL wrap the reference model in its own engine). per_device_train_batch_size=6 with 4 completions
-per prompt puts one group's rows on both ranks (rows 4-5 of rank 0 and 0-1 of rank 1). tests/test_trl.py checks the
-result: per-rank losses equal stock TRL's, the final weights equal on both ranks and equal stock TRL's.
+`deepspeed=`, which also makes TRL wrap the reference model in its own engine).
+per_device_train_batch_size=6 with 4 completions per prompt puts one group's rows on both ranks (rows 4-5 of rank 0
+and 0-1 of rank 1). tests/test_trl.py checks the result: per-rank losses equal stock TRL's, the final weights equal
+on both ranks and equal stock TRL's.
 """
 import argparse
 import sys

@@ -38,6 +38,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -161,6 +162,9 @@ def prefix_grouper_attention_forward(
             "implement; refusing rather than dropping them"
         )
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    if torch.is_autocast_enabled(q.device.type):  # as SDPA does under autocast: q, k, v in the autocast dtype
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = prefix_grouper_attention(q, k, v, prefix_layout, softmax_scale=kwargs.get("scaling"), backend=state.backend,
                                    sinks=kwargs.get("s_aux"))
     return out.unsqueeze(0), None

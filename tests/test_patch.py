@@ -349,3 +349,17 @@ def test_a_mask_a_module_builds_itself_is_refused_under_a_layout():
     model.model.layers[1].self_attn.register_forward_pre_hook(own_mask, with_kwargs=True)
     with pytest.raises(ValueError, match="LlamaAttention builds its own attention mask"):
         model(input_ids=ids[None], prefix_layout=layout)
+
+
+def test_a_float32_model_under_bfloat16_autocast_runs_grouped_like_sdpa():
+    """Trainers (TRL with bf16=True) run a float32 model under autocast: RoPE leaves q, k in float32, v in bfloat16."""
+    reference = tiny_causal_lm("qwen2")
+    model = patch_model(copy.deepcopy(reference))
+    layout, ids, prompts, completions, sizes = _random_layout(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids[None], prefix_layout=layout).last_hidden_state[0].float()
+        expected = member_hidden_states(reference.model, prompts, completions, sizes)
+    members = layout.unpack_completions(hidden)
+    for n, ref in enumerate(expected):
+        s, p = int(layout.suffix_lens[n]), int(layout.prefix_lens[layout.member_group[n]])
+        assert ((members[n, :s] - ref[p:].float()).norm() / ref[p:].float().norm()) <= 2e-2  # bf16, two layers

@@ -309,7 +309,7 @@ def test_an_attention_argument_the_grouped_path_does_not_implement_is_refused_no
 def _llama4(**overrides):
     """A tiny Llama 4 text model whose layer 1 is NoPE (no_rope_layers[1] == 0) with attention temperature tuning."""
     config = tf.Llama4TextConfig(**{
-        **TINY, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128, "attention_chunk_size": None,
+        **TINY, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128, "attention_chunk_size": 256,
         "no_rope_layers": [1, 0], "attn_temperature_tuning": True, "floor_scale": 16, "attn_scale": 0.5,
         **overrides,
     })

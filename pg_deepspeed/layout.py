@@ -233,6 +233,7 @@ class PrefixGroupLayout:
         seg_row[prefix_slot] = torch.arange(B, **i64)
         seg_row[member_slot] = torch.arange(N, **i64)
 
+        lengths, parents = seg_len.tolist(), _group_parents(sizes)  # the segments as a forest of depth 1
         T = int(sum(prefix) + sum(suffix))
         seg_of_token = torch.repeat_interleave(torch.arange(B + N, **i64), seg_len)
         local = torch.arange(T, **i64) - seg_offset[seg_of_token]
@@ -267,8 +268,8 @@ class PrefixGroupLayout:
             single_member=all(g == 1 for g in sizes),
             completion_width=int(width),
             num_tokens=T,
-            predecessor=path_predecessors(seg_len.tolist(), _group_parents(sizes), device),
-            plan=build_plan(seg_len.tolist(), _group_parents(sizes), device),
+            predecessor=path_predecessors(lengths, parents, device),
+            plan=build_plan(lengths, parents, device),
         )
 
     # ------------------------------------------------------------------ data movement

@@ -28,6 +28,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from .ds_config import precision, zero_stage
 from .patch import patch_model
 from .presets import PRESETS, is_preset, preset_config
+from .sequence_parallel import apply_sequence_parallel
 from .tokenizer import build_char_tokenizer
 
 # Files a Hugging Face model directory holds its weights in (transformers' names).
@@ -104,14 +105,17 @@ def build_model(
     return patch_model(module, max_length=max_length)
 
 
-def init_policy(model: PreTrainedModel, ds_config: dict) -> deepspeed.DeepSpeedEngine:
-    """``deepspeed.initialize`` with the optimizer and LR scheduler of the config; rank 0 prints the config."""
+def init_policy(model: PreTrainedModel, ds_config: dict, *, sequence_parallel_size: int = 1
+                ) -> deepspeed.DeepSpeedEngine:
+    """``deepspeed.initialize`` with the optimizer and LR scheduler of the config, sequence parallel over groups of
+    ``sequence_parallel_size`` ranks (sequence_parallel.py); rank 0 prints the config."""
     if "optimizer" not in ds_config:
         raise ValueError("the DeepSpeed config has no 'optimizer' section; the policy needs one")
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),
+        mpu=apply_sequence_parallel(model, sequence_parallel_size, ds_config),
     )
     if engine.global_rank == 0:
         print(f"[pg_deepspeed] resolved DeepSpeed config:\n{json.dumps(ds_config, indent=2)}", flush=True)
@@ -128,13 +132,15 @@ def reference_config(ds_config: dict) -> dict:
 
 
 def init_reference(
-    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None
+    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None, sequence_parallel_size: int = 1
 ) -> deepspeed.DeepSpeedEngine:
-    """The frozen reference: same weights source and sharding as the policy, eval mode, no optimizer."""
+    """The frozen reference: same weights source, sharding and sequence parallelism as the policy, eval mode, no
+    optimizer."""
     config = reference_config(ds_config)
     module = build_model(model, config, dtype=dtype, max_length=max_length)
     module.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=module, config=config)
+    mpu = apply_sequence_parallel(module, sequence_parallel_size, config)
+    engine, *_ = deepspeed.initialize(model=module, config=config, mpu=mpu)
     engine.eval()
     return engine
 

@@ -6,7 +6,8 @@ Resolved keys (any other ``"auto"`` is an error, never dropped):
 |----------------------------------------------------|-----------------------------------------|
 | `train_micro_batch_size_per_gpu`                   | `micro_batch_size`                      |
 | `gradient_accumulation_steps`                      | `gradient_accumulation_steps`           |
-| `train_batch_size`                                 | micro * accumulation * world size       |
+| `train_batch_size`                                 | micro * accumulation * data-parallel size |
+| `sequence_parallel_size`                           | `sequence_parallel_size`                |
 | `zero_optimization.reduce_bucket_size`             | hidden²                                 |
 | `zero_optimization.stage3_prefetch_bucket_size`    | int(0.9 * hidden²)                      |
 | `zero_optimization.stage3_param_persistence_threshold` | 10 * hidden                         |
@@ -16,7 +17,8 @@ Resolved keys (any other ``"auto"`` is an error, never dropped):
 | `scheduler.params.total_num_steps`                 | `total_steps`                           |
 | `bf16.enabled` / `fp16.enabled`                    | whether `dtype` is bfloat16 / float16   |
 
-Missing batch-size keys are filled in the same way. A written value that disagrees with the arguments (a batch
+The data-parallel size is world size / `sequence_parallel_size`. Missing batch-size keys are filled in the same
+way, and `sequence_parallel_size`. A written value that disagrees with the arguments (a batch
 size, or the enabled precision versus ``dtype``) raises :class:`DSConfigError` naming the key and both values.
 """
 import json
@@ -47,11 +49,12 @@ def load_ds_config(
     weight_decay: float,
     warmup_steps: int,
     total_steps: int,
+    sequence_parallel_size: int = 1,
 ) -> dict:
     """Read the JSON config at ``path`` and return it with every ``"auto"`` resolved and checked (see module doc)."""
     for name, value in (("micro_batch_size", micro_batch_size), ("gradient_accumulation_steps",
                         gradient_accumulation_steps), ("world_size", world_size), ("hidden_size", hidden_size),
-                        ("total_steps", total_steps)):
+                        ("total_steps", total_steps), ("sequence_parallel_size", sequence_parallel_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -60,16 +63,19 @@ def load_ds_config(
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+    if world_size % sequence_parallel_size:
+        raise ValueError(f"sequence_parallel_size={sequence_parallel_size} does not divide the {world_size} ranks")
     dtype = dtype_name(dtype)
 
     config = _read_json(path)
     batch = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * (world_size // sequence_parallel_size),
     }
     resolvers: dict[tuple[str, ...], Callable[[], Any]] = {
         **{(key,): (lambda key=key: batch[key]) for key in _BATCH_KEYS},
+        ("sequence_parallel_size",): lambda: sequence_parallel_size,
         ("zero_optimization", "reduce_bucket_size"): lambda: hidden_size**2,
         ("zero_optimization", "stage3_prefetch_bucket_size"): lambda: int(0.9 * hidden_size**2),
         ("zero_optimization", "stage3_param_persistence_threshold"): lambda: 10 * hidden_size,
@@ -88,8 +94,12 @@ def load_ds_config(
         if written != batch[key]:
             raise DSConfigError(f"{path}: {key} is {written!r} in the config but the arguments give {batch[key]} "
                                 f"(micro_batch_size={micro_batch_size}, gradient_accumulation_steps="
-                                f"{gradient_accumulation_steps}, world_size={world_size}); write \"auto\" or "
-                                f"make them agree")
+                                f"{gradient_accumulation_steps}, world_size={world_size}, sequence_parallel_size="
+                                f"{sequence_parallel_size}); write \"auto\" or make them agree")
+    written = config.setdefault("sequence_parallel_size", sequence_parallel_size)
+    if written != sequence_parallel_size:
+        raise DSConfigError(f"{path}: sequence_parallel_size is {written!r} in the config but the arguments give "
+                            f"{sequence_parallel_size}; write \"auto\" or make them agree")
     for section, wanted in (("bf16", "bfloat16"), ("fp16", "float16")):
         enabled = config.get(section, {}).get("enabled", False)
         if enabled is not (dtype == wanted):

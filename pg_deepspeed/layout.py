@@ -101,6 +101,12 @@ class PrefixGroupLayout:
         """The longest prompt + completion: the longest sequence any token's attention spans."""
         return int((self.prefix_lens[self.member_group] + self.suffix_lens).max())
 
+    def segments(self) -> tuple[list[int], list[int]]:
+        """(parents, lengths) of the packed segments, in packed order: each group's prefix (a root), then its G
+        suffixes (children of it). The forest that `PrefixTreeLayout.from_parents` would build the same attention
+        from."""
+        return _group_parents(self.group_sizes.tolist()), self.cu_seqlens.diff().tolist()
+
     @property
     def prefix_tokens_saved(self) -> int:
         """Prefix tokens the standard forward would recompute: sum_g (G_g - 1) * P_g."""

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from .layout import GroupSize, group_sizes
 from .packing import pack_completions
 from .patch import unwrap_model
+from .sharding import SequenceParallel, SequenceShard, gather_shards, pad_layout, sequence_parallel_of
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -73,24 +74,47 @@ def chunked_head_logprobs(
     transform: LogitTransform,
     chunk_size: int,
     with_entropy: bool,
+    *,
+    num_calls: int | None = None,
+    spare: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """hidden: [R, H], targets: [R] -> (logps [R], entropies [R] or None), float32.
 
     At most `chunk_size` rows of [., V] logits exist at once, in forward and in backward (each
     chunk is checkpointed and recomputed). `lm_head` is called as a module, never read as a
     weight, so ZeRO-3 gathers it through its hooks.
+
+    num_calls: call the head exactly this many times (>= ceil(R / chunk_size)), so that the ranks of a
+        sequence-parallel group, which hold different numbers of rows, make the same ZeRO-3 gathers in forward
+        and backward. A call with no rows runs on `spare` ([1, H], a row of the same graph) and enters the
+        result times zero.
     """
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
     )
-    logps, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        args = (lm_head, hidden[rows], targets[rows], transform, with_entropy)
+    R = hidden.shape[0]
+    bounds = list(range(0, R, chunk_size)) + [R]
+    if num_calls is not None:
+        if num_calls < len(bounds) - 1 or spare is None:
+            raise ValueError(f"num_calls={num_calls} cannot cover {R} rows in chunks of {chunk_size} (or no spare)")
+        bounds = torch.linspace(0, R, num_calls + 1).round().long().tolist()
+    logps, entropies, idle = [], [], hidden.new_zeros((), dtype=torch.float32)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rows, labels = (hidden[start:stop], targets[start:stop]) if stop > start else (spare, targets.new_zeros(1))
+        args = (lm_head, rows, labels, transform, with_entropy)
         lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if needs_grad else _head_chunk(*args)
+        if stop == start:
+            idle = idle + 0.0 * (lp.sum() + ent.sum())
+            continue
         logps.append(lp)
         entropies.append(ent)
-    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(logps) if logps else empty
+    if num_calls is not None:  # the idle calls stay in the graph, so their backward (and ZeRO-3's hooks) runs too
+        logps = logps + idle
+    if not with_entropy:
+        return logps, None
+    return logps, (torch.cat(entropies) if entropies else empty)
 
 
 def _decoder(model: PreTrainedModel) -> nn.Module:
@@ -141,16 +165,44 @@ def _check_inputs(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
 
 def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, targets: Tensor, temperature: float,
                     return_entropy: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
-    """One packed forward; the LM head on the predecessor of each target token only -> ([R], [R] or None)."""
-    if bool((layout.predecessor[targets] < 0).any()):
+    """One packed forward; the LM head on the predecessor of each target token only -> ([R], [R] or None).
+
+    Under sequence parallelism (sharding.py) this rank forwards its share of the padded row, runs the LM head on
+    the predecessors it holds, and every rank gets all R values.
+    """
+    predecessor = layout.predecessor[targets]
+    if bool((predecessor < 0).any()):
         raise ValueError("a target is the first token of a root segment: nothing before it predicts it")
-    _begin_engine_forward(model)
-    out = _decoder(hf)(input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout,
-                       use_cache=False)
-    hidden = out[0][0]  # [T, H]
     transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
-    return chunked_head_logprobs(hf.get_output_embeddings(), hidden[layout.predecessor[targets]], ids[targets],
-                                 transform, chunk_size, return_entropy)
+    sp = sequence_parallel_of(hf)
+    _begin_engine_forward(model)
+    if sp is None:
+        out = _decoder(hf)(input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout,
+                           use_cache=False)
+        return chunked_head_logprobs(hf.get_output_embeddings(), out[0][0][predecessor], ids[targets], transform,
+                                     chunk_size, return_entropy)
+    _check_engine_sequence_parallel(model, sp)
+    padded = pad_layout(layout, sp.size)
+    shard = SequenceShard(sp.rank, sp.size, padded.num_tokens)
+    local_ids = torch.nn.functional.pad(ids, (0, padded.num_tokens - ids.shape[0]))[shard.start:shard.stop]
+    out = _decoder(hf)(input_ids=local_ids[None], position_ids=padded.position_ids[None, shard.start:shard.stop],
+                       prefix_layout=padded, sequence_shard=shard, use_cache=False)
+    hidden = out[0][0]  # [L, H]
+    mine = (predecessor >= shard.start) & (predecessor < shard.stop)
+    calls = torch.tensor([max(1, -(-int(mine.sum()) // chunk_size))], device=ids.device)
+    torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX, group=sp.group)
+    logps, entropies = chunked_head_logprobs(hf.get_output_embeddings(), hidden[predecessor[mine] - shard.start],
+                                             ids[targets[mine]], transform, chunk_size, return_entropy,
+                                             num_calls=int(calls), spare=hidden[:1])
+    return gather_shards(logps, mine, sp), (gather_shards(entropies, mine, sp) if return_entropy else None)
+
+
+def _check_engine_sequence_parallel(model: nn.Module, sp: SequenceParallel) -> None:
+    """An engine around a sequence-parallel model must reduce gradients knowing it (duck-typed: no DeepSpeed here)."""
+    engine_size = getattr(model, "sequence_parallel_size", None)
+    if engine_size is not None and engine_size != sp.size:
+        raise ValueError(f"the model runs sequence parallel over {sp.size} ranks but its DeepSpeed engine over "
+                         f"{engine_size}: pass the mpu that apply_sequence_parallel returns to deepspeed.initialize")
 
 
 def _check_options(temperature: float, chunk_size: int) -> None:

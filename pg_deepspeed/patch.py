@@ -47,6 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .attention import check_backend_name, prefix_grouper_attention
 from .compat import CACHE_NAMES
 from .layout import PrefixGroupLayout
+from .sharding import SequenceShard
 from .tree import PrefixTreeLayout
 from .support import CallLimits, call_limits, unsupported_reasons
 
@@ -134,21 +135,49 @@ def prefix_grouper_attention_forward(
     value: Tensor,
     attention_mask: Tensor | None,
     prefix_layout: PrefixGroupLayout | PrefixTreeLayout | None = None,
+    sequence_shard: SequenceShard | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """The registered attention function. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None).
 
-    Without `prefix_layout` it is exactly the model's original implementation.
+    Without `prefix_layout` it is exactly the model's original implementation. With a `sequence_shard` the
+    tensors hold the shard's L tokens and the call goes through the model's sequence-parallel exchange, which
+    runs :func:`grouped_attention_forward` on the whole sequence for a share of the heads (sharding.py).
     """
     if prefix_layout is None:
+        if sequence_shard is not None:
+            raise ValueError("sequence_shard needs a prefix_layout")
         state = getattr(module, "_prefix_grouper", None)
         original = state.original if state is not None else _original_of_unpatched(module)
         return _original_attention(module, original)(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None:  # our mask function builds none under a layout: this one is the module's own
+        raise ValueError(f"{type(module).__name__} builds its own attention mask, which a prefix_layout cannot honour")
+    if sequence_shard is None:
+        return grouped_attention_forward(module, query, key, value, prefix_layout, **kwargs)
+    sp = getattr(module, "_prefix_grouper_sp", None)
+    if sp is None or sp.size != sequence_shard.size:
+        raise ValueError(f"a sequence_shard of size {sequence_shard.size} needs the model's sequence parallelism "
+                         f"of that size (pg_deepspeed.sequence_parallel.apply_sequence_parallel)")
+    # the exchange all-gathers the shard's position ids (DeepSpeed's Ulysses asserts they are passed); ours are
+    # the layout's, whatever the modeling code hands on
+    kwargs["position_ids"] = prefix_layout.position_ids[None, sequence_shard.start:sequence_shard.stop]
+    return sp.exchange(module, query, key, value, None, prefix_layout=prefix_layout, **kwargs)
+
+
+def grouped_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    prefix_layout: PrefixGroupLayout | PrefixTreeLayout,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Prefix-grouped attention over the whole packed row. query: [1, Hq, T, D] -> ([1, T, Hq, D], None)."""
     state = _state_of(module)
     if query.shape[0] != 1:
         raise ValueError(f"a prefix_layout forward takes one packed row, got a batch of {query.shape[0]}")
-    if attention_mask is not None:  # our mask function builds none under a layout: this one is the module's own
-        raise ValueError(f"{type(module).__name__} builds its own attention mask, which a prefix_layout cannot honour")
+    if query.shape[2] != prefix_layout.num_tokens:
+        raise ValueError(f"the attention got {query.shape[2]} tokens but the layout has {prefix_layout.num_tokens}")
     if kwargs.get("dropout", 0.0):
         raise ValueError(f"attention dropout ({kwargs['dropout']}) is not supported with a prefix_layout")
     if kwargs.get("softcap") is not None:
@@ -193,16 +222,23 @@ def _remember_config(config: Any, state: PatchState) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- forward hooks
-def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: PrefixGroupLayout | PrefixTreeLayout
-                       ) -> None:
+def _check_packed_call(module: nn.Module, arguments: dict[str, Any], layout: PrefixGroupLayout | PrefixTreeLayout,
+                       shard: SequenceShard | None) -> None:
     if not isinstance(layout, (PrefixGroupLayout, PrefixTreeLayout)):
         raise TypeError(f"prefix_layout must be a PrefixGroupLayout or PrefixTreeLayout, got {type(layout)}")
+    if shard is not None:
+        if not isinstance(shard, SequenceShard):
+            raise TypeError(f"sequence_shard must be a SequenceShard, got {type(shard)}")
+        if shard.total != layout.num_tokens:
+            raise ValueError(f"sequence_shard splits {shard.total} tokens but the layout has {layout.num_tokens}")
+    tokens = layout.num_tokens if shard is None else shard.length
     x = arguments.get("input_ids")
     x = arguments.get("inputs_embeds") if x is None else x
-    if x is None or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != layout.num_tokens:
+    if x is None or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != tokens:
         shape = None if x is None else tuple(x.shape)
+        what = "" if shard is None else f" (rank {shard.rank}'s share of {shard.size})"
         raise ValueError(
-            f"a prefix_layout forward needs input_ids [1, {layout.num_tokens}] (or inputs_embeds), got {shape}"
+            f"a prefix_layout forward needs input_ids [1, {tokens}]{what} (or inputs_embeds), got {shape}"
         )
     if x.device != layout.device:
         raise ValueError(f"inputs are on {x.device} but the layout is on {layout.device}; use layout.to(device)")
@@ -223,13 +259,15 @@ def _enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(name, {}))
-        _check_packed_call(module, arguments, layout)
+        shard = kwargs.get("sequence_shard")
+        _check_packed_call(module, arguments, layout, shard)
         if arguments.get("use_cache"):
             raise ValueError("use_cache=True cannot be combined with a prefix_layout")
         if "position_ids" in signature.parameters and arguments.get("position_ids") is None:
             if "position_ids" in arguments and "position_ids" not in kwargs:
                 raise ValueError("pass position_ids by keyword with a prefix_layout")
-            kwargs = {**kwargs, "position_ids": layout.position_ids[None]}
+            positions = layout.position_ids if shard is None else layout.position_ids[shard.start:shard.stop]
+            kwargs = {**kwargs, "position_ids": positions[None]}
         if "use_cache" in signature.parameters:
             kwargs = {**kwargs, "use_cache": False}
     module._prefix_grouper_tokens.append(_CURRENT.set(_Call(layout, _state_of(module))))

@@ -47,6 +47,10 @@ class PrefixTreeLayout:
     def num_segments(self) -> int:
         return self.lengths.numel()
 
+    def segments(self) -> tuple[list[int], list[int]]:
+        """(parents, lengths) of the segments, as `from_parents` takes them."""
+        return self.parents.tolist(), self.lengths.tolist()
+
     @property
     def device(self) -> torch.device:
         return self.position_ids.device

@@ -76,6 +76,11 @@ class TrainArguments:
     max_steps: int = field(default=120, metadata={"help": "Rollout steps to train."})
     prompts_per_device: int = field(default=4, metadata={"help": "Prompts (groups) per micro-batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Ranks that share each packed micro-batch along the sequence (DeepSpeed Ulysses); the "
+                  "data-parallel size is world / this. Must divide the ranks and the attention heads."},
+    )
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up optimizer steps before cosine decay."})

@@ -41,3 +41,10 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The first rank of `group`'s tensors, on every rank of it (any shapes: they travel as objects)."""
+    objects = [[t.cpu() for t in tensors]]
+    dist.broadcast_object_list(objects, src=dist.get_global_rank(group, 0), group=group)
+    return [t.to(x.device) for t, x in zip(objects[0], tensors)]

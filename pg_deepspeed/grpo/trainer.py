@@ -25,9 +25,10 @@ from ..export import export_hf
 from ..logprobs import completion_logprobs
 from ..packing import common_prefix_length
 from ..patch import patch_model
+from ..sequence_parallel import check_sequence_parallel_size, gradient_scale
 from .advantages import ESTIMATORS, group_advantages
 from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
-from .collective import all_gather_cat, all_mean
+from .collective import all_gather_cat, all_mean, broadcast_from_first
 from .data import PromptSource, batch_indices, build_source, longest_prompt, tokenize_prompts
 from .loss import AGGREGATIONS, grpo_loss
 from .metrics import MetricsLogger
@@ -149,15 +150,17 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
     return all_mean([float(batch.completion_mask.sum())])[0] / train.gradient_accumulation_steps
 
 
-def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, step: int, rank: int, world: int,
+def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, step: int, replica: int, replicas: int,
             device: torch.device, guard: PreemptionGuard) -> Batch:
-    """Sample prompts for this rank and step, G completions each, their rewards and advantages.
+    """Sample prompts for this data-parallel replica and step, G completions each, their rewards and advantages.
 
-    Raises :class:`Preempted` on every rank when a stop is requested during generation."""
+    Every rank of a sequence-parallel group is the same replica: same prompts, same seed, and the completions of
+    the group's first rank (so that they cannot drift apart). Raises :class:`Preempted` on every rank when a stop
+    is requested during generation."""
     per_rank = train.prompts_per_device * train.gradient_accumulation_steps
-    examples = [source.example(i) for i in batch_indices(step, rank, world, per_rank)]
+    examples = [source.example(i) for i in batch_indices(step, replica, replicas, per_rank)]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
-    generator = torch.Generator().manual_seed(hash((train.seed, step, rank)) % 2**63)
+    generator = torch.Generator().manual_seed(hash((train.seed, step, replica)) % 2**63)
     module = policy.module
     was_training = module.training
     module.eval()
@@ -167,6 +170,9 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
         pad_id=tokenizer.pad_token_id, generator=generator,
     )
     module.train(was_training)
+    if train.sequence_parallel_size > 1:
+        out.completion_ids, out.completion_mask = broadcast_from_first(
+            [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
     G = grpo.num_generations
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     rewards = compute_rewards(
@@ -207,7 +213,7 @@ def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> 
     return {k: v / count for k, v in totals.items()}
 
 
-def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, rank: int, world: int,
+def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, replica: int, replicas: int,
                device: torch.device, first: int, stop: Callable[[], bool]) -> int:
     """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
 
@@ -215,7 +221,8 @@ def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, r
     eos = tokenizer.eos_token_id
     for step in range(first, train.sft_warmup_steps):
         for i in range(train.gradient_accumulation_steps):
-            indices = batch_indices(step * train.gradient_accumulation_steps + i, rank, world, train.prompts_per_device)
+            indices = batch_indices(step * train.gradient_accumulation_steps + i, replica, replicas,
+                                    train.prompts_per_device)
             examples = [source.example(SFT_OFFSET + j) for j in indices]
             prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
             answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [eos] for e in examples]
@@ -262,14 +269,21 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed)
     max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
     check_patchable(config, max_length)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_sequence_parallel_size(train.sequence_parallel_size, world, config, option="--sequence_parallel_size")
     reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")), hidden_size=config.hidden_size, dtype=model_args.dtype,
+        world_size=world, hidden_size=config.hidden_size, dtype=model_args.dtype,
         lr=train.learning_rate, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
         total_steps=train.sft_warmup_steps + train.max_steps * grpo.num_iterations,
+        sequence_parallel_size=train.sequence_parallel_size,
     )
+    try:
+        gradient_scale(ds_config, train.sequence_parallel_size)
+    except ValueError as error:
+        raise ValueError(f"--sequence_parallel_size {train.sequence_parallel_size}: {error}") from None
     return Plan(model_args, data_args, grpo, train, tokenizer, config, source, reward_fn, ds_config, max_length)
 
 
@@ -283,6 +297,8 @@ def run(plan: Plan) -> None:
     # ---------------------------------------------------------------- set-up
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    sp = train.sequence_parallel_size
+    replica, replicas = rank // sp, world // sp  # a sequence-parallel group is one data-parallel replica
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node share its cores; oversubscribed threads stall every collective
@@ -290,11 +306,13 @@ def run(plan: Plan) -> None:
     deepspeed.runtime.utils.set_random_seed(train.seed)
     dtype = DTYPES[dtype_name(model_args.dtype)]
     policy = init_policy(build_model(model_args.model, plan.ds_config, dtype=dtype, max_length=plan.max_length,
-                                     gradient_checkpointing=model_args.gradient_checkpointing), plan.ds_config)
+                                     gradient_checkpointing=model_args.gradient_checkpointing), plan.ds_config,
+                         sequence_parallel_size=sp)
     reference = None
     if grpo.beta > 0:
         deepspeed.runtime.utils.set_random_seed(train.seed)  # a preset's reference gets the policy's initial weights
-        reference = init_reference(model_args.model, plan.ds_config, dtype=dtype, max_length=plan.max_length)
+        reference = init_reference(model_args.model, plan.ds_config, dtype=dtype, max_length=plan.max_length,
+                                   sequence_parallel_size=sp)
     for engine in (policy, reference):
         if engine is not None:
             patch_model(engine, backend=model_args.attention_backend, max_length=plan.max_length)
@@ -326,7 +344,8 @@ def run(plan: Plan) -> None:
         guard.requeue()
 
     if sft_done < train.sft_warmup_steps:
-        sft_done = sft_warmup(policy, tokenizer, source, train, rank, world, device, sft_done, guard.stop_requested)
+        sft_done = sft_warmup(policy, tokenizer, source, train, replica, replicas, device, sft_done,
+                              guard.stop_requested)
         if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
             return stop(0, sft_done if sft_done < train.sft_warmup_steps else None)
 
@@ -337,7 +356,8 @@ def run(plan: Plan) -> None:
         t0 = time.perf_counter()
         at_boundary = current_rng_state()
         try:
-            batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, rank, world, device, guard)
+            batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, replica, replicas, device,
+                            guard)
         except Preempted:
             return stop(step, rng_state=at_boundary, during=f" during the rollout of step {step + 1}")
         t_rollout = time.perf_counter() - t0
@@ -345,7 +365,7 @@ def run(plan: Plan) -> None:
         stats = update(policy, batch, grpo, train)
         step += 1
 
-        all_rewards = all_gather_cat(batch.rewards)
+        all_rewards = all_gather_cat(batch.rewards).view(world, -1)[::sp].flatten()  # one copy per replica
         G = grpo.num_generations
         skipped = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
@@ -356,9 +376,10 @@ def run(plan: Plan) -> None:
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
-            "completion_length": completion_len, "tokens_per_s": tokens * world / elapsed,
-            "prefix_tokens_saved": int(skipped * world * logprob_passes),
+            "completion_length": completion_len, "tokens_per_s": tokens * replicas / elapsed,
+            "prefix_tokens_saved": int(skipped * replicas * logprob_passes),
             "step_time_s": elapsed, "rollout_time_s": t_rollout, "lr": policy.get_lr()[0], "world_size": world,
+            "sequence_parallel_size": sp,
             "node_ranks": nodes,
         })
         if train.save_steps and step % train.save_steps == 0:

@@ -1,0 +1,135 @@
+"""Sequence sharding of a packed forward: what each sequence-parallel rank holds, and how the pieces come back.
+
+Under sequence parallelism (`pg_deepspeed.sequence_parallel`, on DeepSpeed's Ulysses) the `size` ranks of a
+group share one packed row `[1, T]`:
+
+| step                         | each rank holds                                   | where                        |
+|------------------------------|---------------------------------------------------|------------------------------|
+| pad                          | the layout + one root segment of `pad` tokens      | `pad_layout` (T -> Tp)       |
+| embed, MLP, norms            | tokens `[r*L, (r+1)*L)`, L = Tp / size             | the decoder, unchanged       |
+| attention                    | all Tp tokens for Hq / size heads                  | Ulysses' all-to-all around   |
+|                              |                                                    | the grouped attention        |
+| LM head                      | the completion-predicting rows among its L         | `logprobs._token_logprobs`   |
+| log-probs                    | all R of them                                      | `gather_shards`              |
+
+The pad is its own root segment, so no real token attends to it and it attends to no real token. Every rank
+builds the same (full, padded) layout; a prompt may be split across ranks, the attention sees it whole.
+This module is torch only: the distributed layer attaches a :class:`SequenceParallel` to a patched model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .layout import PrefixGroupLayout
+from .tree import PrefixTreeLayout
+
+Layout = PrefixGroupLayout | PrefixTreeLayout
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """Rank `rank` of `size` holds packed tokens [start, stop) of a row of `total` (a multiple of `size`)."""
+
+    rank: int
+    size: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rank < self.size and self.total % self.size == 0):
+            raise ValueError(f"rank {self.rank} of {self.size} cannot hold an equal share of {self.total} tokens")
+
+    @property
+    def length(self) -> int:
+        return self.total // self.size
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.length
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """What a patched model needs to run its packed forwards sharded (attached by the distributed layer).
+
+    exchange: `(module, query, key, value, attention_mask, **kwargs) -> (out [1, L, Hq*D], None)`, an attention
+        function over the local shard (q: [1, Hq, L, D]) that runs the grouped attention on the whole sequence
+        for a share of the heads (DeepSpeed's Ulysses all-to-all).
+    grad_scale: what the backward of `gather_shards` multiplies by, so that the gradients the engine reduces over
+        the group add up to the unsharded gradient (see `sequence_parallel.gradient_scale`).
+    """
+
+    group: dist.ProcessGroup
+    size: int
+    rank: int
+    exchange: Callable
+    grad_scale: float = 1.0
+
+
+def attach(model: nn.Module, sp: SequenceParallel | None) -> None:
+    """Record `sp` on every submodule of `model` (as the patch records its state, so that copies keep it)."""
+    for module in model.modules():
+        module._prefix_grouper_sp = sp
+
+
+def sequence_parallel_of(model: nn.Module) -> SequenceParallel | None:
+    sp = getattr(model, "_prefix_grouper_sp", None)
+    return sp if sp is not None and sp.size > 1 else None
+
+
+def pad_layout(layout: Layout, multiple: int) -> Layout:
+    """`layout` with one more root segment of pad tokens so that its length is a multiple of `multiple`.
+
+    The result is a `PrefixTreeLayout` over the same segments (in the same packed order, so every real token keeps
+    its index, position and attention) plus the pad; `layout` itself when no pad is needed.
+    """
+    pad = -layout.num_tokens % multiple
+    if pad == 0:
+        return layout
+    parents, lengths = layout.segments()
+    kept, new_index = [], {}  # empty segments (a completion row of length 0) hold no token: re-parent their children
+    for s, (p, n) in enumerate(zip(parents, lengths)):
+        while p >= 0 and p not in new_index:
+            p = parents[p]
+        if n == 0:
+            continue
+        new_index[s] = len(kept)
+        kept.append((new_index[p] if p >= 0 else -1, n))
+    kept.append((-1, pad))
+    return PrefixTreeLayout.from_parents([p for p, _ in kept], [n for _, n in kept], device=layout.device)
+
+
+class _GatherShards(torch.autograd.Function):
+    """Each rank holds the values of some of R positions; every rank gets all R.
+
+    forward:  y = sum_r scatter_r(x_r)  (an all-reduce of disjoint parts: exact)
+    backward: dL/dx_r = grad_scale * (dL/dy)[mine_r]  (every rank's loss is the same function of y, so the local
+              rows' gradient is the shared one; grad_scale undoes the engine's averaging over the group)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mine: Tensor, group: dist.ProcessGroup, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(mine)
+        ctx.grad_scale = grad_scale
+        full = x.new_zeros(mine.shape[0])
+        full[mine] = x
+        dist.all_reduce(full, group=group)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mine,) = ctx.saved_tensors
+        return grad[mine] * ctx.grad_scale, None, None, None
+
+
+def gather_shards(x: Tensor, mine: Tensor, sp: SequenceParallel) -> Tensor:
+    """x: [M] this rank's values at the positions where `mine` ([R] bool) is True -> [R], the same on every rank."""
+    return _GatherShards.apply(x, mine, sp.group, sp.grad_scale)

@@ -95,16 +95,7 @@ def pad_layout(layout: Layout, multiple: int) -> Layout:
     if pad == 0:
         return layout
     parents, lengths = layout.segments()
-    kept, new_index = [], {}  # empty segments (a completion row of length 0) hold no token: re-parent their children
-    for s, (p, n) in enumerate(zip(parents, lengths)):
-        while p >= 0 and p not in new_index:
-            p = parents[p]
-        if n == 0:
-            continue
-        new_index[s] = len(kept)
-        kept.append((new_index[p] if p >= 0 else -1, n))
-    kept.append((-1, pad))
-    return PrefixTreeLayout.from_parents([p for p, _ in kept], [n for _, n in kept], device=layout.device)
+    return PrefixTreeLayout.from_parents(parents + [-1], lengths + [pad], device=layout.device)
 
 
 class _GatherShards(torch.autograd.Function):

@@ -53,12 +53,13 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def submit(cluster: SlurmCluster, runs_dir: Path) -> tuple[subprocess.Popen, int, Path]:
-    """`sbatch -N 2 --wait grpo.sbatch TRAIN_ARGS` from the repository root; returns (sbatch, job id, job dir)."""
-    env = dict(cluster.env, GRPO_RUNS_DIR=str(runs_dir), PYTHON=sys.executable)
+def submit(cluster: SlurmCluster, runs_dir: Path, args: list[str] = TRAIN_ARGS, **env_extra: str
+           ) -> tuple[subprocess.Popen, int, Path]:
+    """`sbatch -N 2 --wait grpo.sbatch ARGS` from the repository root; returns (sbatch, job id, job dir)."""
+    env = dict(cluster.env, GRPO_RUNS_DIR=str(runs_dir), PYTHON=sys.executable, **env_extra)
     sbatch = subprocess.Popen(
         ["sbatch", "-N", "2", "--wait", "--parsable", f"--output={runs_dir}/slurm-%j.out",
-         "launch/slurm/grpo.sbatch", *TRAIN_ARGS],
+         "launch/slurm/grpo.sbatch", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     submitted = sbatch.stdout.readline().split(";")[0].strip()
@@ -122,6 +123,24 @@ def test_two_node_job_trains_with_world_size_two_across_node_ranks(uninterrupted
     assert all(row["world_size"] == 2 for row in rows), rows
     assert all(sorted(row["node_ranks"]) == [0, 1] for row in rows), rows
     assert SAVE_STEPS in checkpoint_steps(job_dir), logs(job_dir)
+
+
+@pytest.mark.slurm
+def test_sp_size_makes_the_two_nodes_one_sequence_parallel_replica(cluster: SlurmCluster, runs_dir: Path) -> None:
+    sbatch, _, job_dir = submit(cluster, runs_dir, [*TRAIN_ARGS, "--max_steps", "2"], SP_SIZE="2")
+    assert wait_job(sbatch, job_dir) == 0, logs(job_dir)
+    assert "--sequence_parallel_size 2" in (job_dir / "logs" / "batch.log").read_text()
+    rows = metrics(job_dir)
+    assert [row["step"] for row in rows] == [1, 2], logs(job_dir)
+    assert all(row["world_size"] == 2 and row["sequence_parallel_size"] == 2 for row in rows), rows
+
+
+@pytest.mark.slurm
+def test_an_sp_size_that_does_not_divide_the_ranks_stops_the_job_naming_it(cluster: SlurmCluster, runs_dir: Path
+                                                                            ) -> None:
+    sbatch, _, job_dir = submit(cluster, runs_dir, TRAIN_ARGS, SP_SIZE="3")
+    assert wait_job(sbatch, job_dir) != 0
+    assert "SP_SIZE=3 does not divide the 2 ranks" in (job_dir / "logs" / "batch.log").read_text()
 
 
 @pytest.mark.slurm

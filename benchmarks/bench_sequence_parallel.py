@@ -1,15 +1,18 @@
 """Peak memory per rank of the update pass at sequence-parallel sizes 1 and 2: what sequence parallelism is for.
 
-    python -m benchmarks.bench_sequence_parallel --preset ci      # tiny shape, CPU: P = 4K..32K, S = 256, G = 16
+    python -m benchmarks.bench_sequence_parallel --preset ci      # tiny shape, CPU: P = 4K..16K, S = 256, G = 16
+    python -m benchmarks.bench_sequence_parallel --preset long    # the same at P = 32K (about 30 minutes)
     python -m benchmarks.bench_sequence_parallel --preset h100    # 1.5b shape, bf16, P = 16K..128K (8 GPUs: SP 1, 2,
                                                                   # 4, 8 need as many; run on a node of 8)
     python -m benchmarks.bench_sequence_parallel --preset smoke   # seconds; what tests/test_bench.py runs
 
 Each (SP, P) runs in a fresh `deepspeed --num_gpus SP` launch (one data-parallel replica of SP ranks): a ZeRO-3
 engine around the patched model, sequence parallel when SP > 1, and one prompt of P tokens with G completions of
-S tokens. Measured on every rank, once, in that fresh process: the peak memory of the update pass
+S tokens. Measured on every rank, once, in that fresh process: the activation memory (the bytes autograd saves
+for backward during `completion_logprobs`, counted by a saved-tensors hook), the peak memory of the update pass
 (`completion_logprobs` + GRPO-style loss + backward) above what was resident before it (benchmarks/memory.py:
-peak RSS on CPU, `max_memory_allocated` on CUDA), and its time. The table shows the largest rank's peak, the
+peak RSS on CPU, `max_memory_allocated` on CUDA; it also holds transients: ZeRO-3's gathered weights, the
+all-to-all buffers, the LM head's chunk), and its time. The table shows the largest rank's peak, the
 ratio to SP = 1 at the same P, and per SP size the longest measured P whose peak fits the preset's budget.
 Writes <out>/sequence_parallel_<preset>.md and prints it.
 """
@@ -43,7 +46,8 @@ class Preset:
 
 
 PRESETS = {
-    "ci": Preset("tiny", "float32", (4096, 8192, 16384, 32768), 256, 16, (1, 2), budget_mib=2048),
+    "ci": Preset("tiny", "float32", (4096, 8192, 16384), 256, 16, (1, 2), budget_mib=2048),
+    "long": Preset("tiny", "float32", (32768,), 256, 16, (1, 2), budget_mib=2048),  # ~30 min on 2 cores
     "h100": Preset("1.5b", "bfloat16", (16384, 32768, 65536, 131072), 512, 16, (1, 2, 4, 8), budget_mib=40 * 1024),
     "smoke": Preset("tiny", "float32", (64,), 8, 2, (1, 2), budget_mib=1024),
 }
@@ -81,14 +85,22 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     ones = lambda x: torch.ones_like(x)
     advantages = torch.randn(group_size, generator=g).to(device)
 
+    saved: dict[int, int] = {}  # storage address -> bytes: a tensor saved by several ops counts once
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):  # weights are not activations
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     def update_pass() -> None:
-        logps = completion_logprobs(engine, prompt_ids, ones(prompt_ids), completion_ids, ones(completion_ids),
-                                    group_size)
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            logps = completion_logprobs(engine, prompt_ids, ones(prompt_ids), completion_ids, ones(completion_ids),
+                                        group_size)
         engine.backward(-(torch.exp(logps - logps.detach()) * advantages[:, None]).mean())
 
     start = time.perf_counter()
     peak = cpu_peak_mib(update_pass) if device.type == "cpu" else cuda_peak_mib(update_pass, device)
-    result = {"peak_mib": peak, "seconds": time.perf_counter() - start}
+    result = {"peak_mib": peak, "activation_mib": sum(saved.values()) / 2**20, "seconds": time.perf_counter() - start}
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
@@ -120,18 +132,23 @@ def run(preset: Preset, out: Path) -> list[dict]:
         for sp in preset.sizes:
             ranks = launch(preset, prompt, sp, out)
             rows.append({"prompt": prompt, "sp": sp, "peak_mib": max(r["peak_mib"] for r in ranks),
+                         "activation_mib": max(r["activation_mib"] for r in ranks),
                          "seconds": statistics.median(r["seconds"] for r in ranks)})
     return rows
 
 
 def table(preset: Preset, rows: list[dict]) -> str:
-    base = {r["prompt"]: r["peak_mib"] for r in rows if r["sp"] == 1}
-    lines = [f"shape {preset.shape}, {preset.dtype}, G = {preset.group_size}, S = {preset.completion}; peak memory "
-             "of the update pass per rank (largest rank), above what was resident before it", "",
-             "| P | SP | peak per rank (MiB) | vs SP = 1 | pass time (s) |", "|---|---|---|---|---|"]
+    base = {r["prompt"]: r for r in rows if r["sp"] == 1}
+    lines = [f"shape {preset.shape}, {preset.dtype}, G = {preset.group_size}, S = {preset.completion}; per rank (the "
+             "largest rank): activation memory = bytes autograd saved for backward during the log-prob forward; peak "
+             "= peak memory of the whole update pass above what was resident before it", "",
+             "| P | SP | activations (MiB) | vs SP = 1 | peak (MiB) | vs SP = 1 | pass time (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['peak_mib'] / base[r['prompt']]:.2f}" if r["prompt"] in base else "-"
-        lines.append(f"| {r['prompt']} | {r['sp']} | {r['peak_mib']:.0f} | {ratio} | {r['seconds']:.1f} |")
+        b = base.get(r["prompt"])
+        ratio = lambda key: f"{r[key] / b[key]:.2f}" if b else "-"
+        lines.append(f"| {r['prompt']} | {r['sp']} | {r['activation_mib']:.0f} | {ratio('activation_mib')} | "
+                     f"{r['peak_mib']:.0f} | {ratio('peak_mib')} | {r['seconds']:.1f} |")
     lines += ["", f"Longest measured P within {preset.budget_mib:.0f} MiB per rank:", ""]
     for sp in preset.sizes:
         fits = [r["prompt"] for r in rows if r["sp"] == sp and r["peak_mib"] <= preset.budget_mib]

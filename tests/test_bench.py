@@ -148,3 +148,12 @@ def test_tree_benchmark_smoke_run_writes_its_table(tmp_path):
     assert limits["standard"] == 1.0 and limits["tree"] > limits["two_level"] > 1.0
     bench_tree.main(["--preset", "smoke", "--out", str(tmp_path)])
     assert "| tree |" in (tmp_path / "tree_smoke.md").read_text()
+
+
+def test_sequence_parallel_benchmark_smoke_run_writes_its_table(tmp_path):
+    """Four launches (SP 1 and 2, real launcher): the table has a row per (P, SP) and the activation ratio."""
+    from benchmarks import bench_sequence_parallel
+
+    bench_sequence_parallel.main(["--preset", "smoke", "--out", str(tmp_path)])
+    text = (tmp_path / "sequence_parallel_smoke.md").read_text()
+    assert "| 64 | 1 |" in text and "| 64 | 2 |" in text and "Longest measured P within" in text

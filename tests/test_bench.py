@@ -151,7 +151,7 @@ def test_tree_benchmark_smoke_run_writes_its_table(tmp_path):
 
 
 def test_sequence_parallel_benchmark_smoke_run_writes_its_table(tmp_path):
-    """Four launches (SP 1 and 2, real launcher): the table has a row per (P, SP) and the activation ratio."""
+    """Two launches (SP 1 and 2, real launcher): the table has a row per (P, SP) and the activation ratio."""
     from benchmarks import bench_sequence_parallel
 
     bench_sequence_parallel.main(["--preset", "smoke", "--out", str(tmp_path)])

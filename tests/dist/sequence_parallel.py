@@ -151,7 +151,8 @@ def main() -> None:
             # per parameter, max |error| / max |gradient|; k_proj's bias, whose exact gradient is 0, aside
             "grad_error": max((float((got[n] - expected[n]).abs().max() / expected[n].abs().max()), n)
                               for n in expected if expected[n].abs().max() > 1e-6),
-            "missing_or_extra": sorted(set(expected) ^ {n for n, g in got.items() if g is not None and g.any()}),
+            "missing_or_extra": sorted({n for n, g in expected.items() if g.any()}
+                                       ^ {n for n, g in got.items() if g is not None and g.any()}),
         }
     results = [None] * world
     dist.all_gather_object(results, result)

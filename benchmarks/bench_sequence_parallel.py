@@ -6,9 +6,9 @@
                                                                   # 4, 8 need as many; run on a node of 8)
     python -m benchmarks.bench_sequence_parallel --preset smoke   # seconds; what tests/test_bench.py runs
 
-Each (SP, P) runs in a fresh `deepspeed --num_gpus SP` launch (one data-parallel replica of SP ranks): a ZeRO-3
-engine around the patched model, sequence parallel when SP > 1, and one prompt of P tokens with G completions of
-S tokens. Measured on every rank, once, in that fresh process: the activation memory (the bytes autograd saves
+Each (SP, P) runs in a fresh launch on as many ranks as the largest SP size (SP = 1 then runs data parallel, so
+that every size has the same ZeRO-3 sharding of the weights): a ZeRO-3 engine around the patched model,
+sequence parallel when SP > 1, and per replica one prompt of P tokens with G completions of S tokens. Measured on every rank, once, in that fresh process: the activation memory (the bytes autograd saves
 for backward during `completion_logprobs`, counted by a saved-tensors hook), the peak memory of the update pass
 (`completion_logprobs` + GRPO-style loss + backward) above what was resident before it (benchmarks/memory.py:
 peak RSS on CPU, `max_memory_allocated` on CUDA; it also holds transients: ZeRO-3's gathered weights, the
@@ -109,12 +109,14 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
 
 
 def launch(preset: Preset, prompt: int, sp: int, out: Path) -> list[dict]:
-    """`deepspeed --num_gpus sp` of this module's worker; each rank's {peak_mib, seconds}."""
+    """This module's worker on as many ranks as the largest SP size (SP = 1 is then data parallel, so every size
+    runs under the same ZeRO-3 sharding); each rank's {peak_mib, activation_mib, seconds}."""
+    ranks = max(preset.sizes)
     result = out / f"sp{sp}_p{prompt}.json"
     with socket.socket() as sock:  # a free port: other launches may run beside this one
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(sp), "--master_port", str(port),
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "benchmarks.bench_sequence_parallel", "--worker", preset.shape, preset.dtype,
            str(prompt), str(preset.completion), str(preset.group_size), str(sp), str(result)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -138,8 +138,12 @@ def prefix_grouper_attention_forward(
 ) -> tuple[Tensor, None]:
     """The registered attention function. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None).
 
-    Without `prefix_layout` it is exactly the model's original implementation.
+    Without `prefix_layout` it is exactly the model's original implementation, unless a decode step passes
+    `shared_prefix=` (a `cache.SharedPrefixCache`), whose attention merges each group's prompt held once.
     """
+    shared_prefix = kwargs.pop("shared_prefix", None)
+    if shared_prefix is not None:
+        return shared_prefix.attend(module, query, key, value, attention_mask, **kwargs)
     if prefix_layout is None:
         state = getattr(module, "_prefix_grouper", None)
         original = state.original if state is not None else _original_of_unpatched(module)

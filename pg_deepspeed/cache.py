@@ -77,9 +77,11 @@ class SharedPrefixCache(Cache):
 
     prompt_mask: [B, P] left-padded (1 = real token), the mask the prefill is called with.
     group_sizes: G per prompt (an int for all, or B ints); the N = Σ G_b samples' rows are grouped consecutively.
+    max_new_tokens: the longest completion to come, if known: a window check then refuses at the first decode step
+        what a later step would exceed (else each step checks its own length).
     """
 
-    def __init__(self, prompt_mask: Tensor, group_sizes: int | Sequence[int]) -> None:
+    def __init__(self, prompt_mask: Tensor, group_sizes: int | Sequence[int], max_new_tokens: int = 0) -> None:
         super().__init__(layer_class_to_replicate=SharedPrefixLayer)
         B, P = prompt_mask.shape
         sizes = [group_sizes] * B if isinstance(group_sizes, int) else [int(g) for g in group_sizes]
@@ -99,6 +101,7 @@ class SharedPrefixCache(Cache):
         starts = torch.cumsum(sizes_t, 0) - sizes_t
         self.slot_of = torch.arange(len(self.group_of), device=prompt_mask.device) - starts[self.group_of]  # [N]
         self.uniform = len(set(sizes)) == 1
+        self.max_new_tokens = max_new_tokens
         self.decoding = False
         self._window: int | None | bool = False  # the smallest window of the model, read on the first attend
         self._attended: set[int] = set()
@@ -239,10 +242,12 @@ class SharedPrefixCache(Cache):
         if self._window is False:
             self._window = call_limits(getattr(module, "config", None)).window
         windows = [w for w in (self._window, kwargs.get("sliding_window")) if w is not None]
-        longest = int(self.prompt_lengths.max()) + key.shape[-2]
+        # the keys a query attends: its prompt and its generated tokens (the last sampled token is never fed)
+        longest = int(self.prompt_lengths.max()) + max(key.shape[-2], self.max_new_tokens - 1)
         if windows and longest > min(windows):
             raise ValueError(
-                f"a prompt + completion of {longest} tokens exceeds the model's attention window ({min(windows)}); "
+                f"a prompt + completion of {longest} attended tokens exceeds the model's attention window "
+                f"({min(windows)}); "
                 "the shared-prefix cache does not re-window the prompt: use the repeated cache or shorter sequences"
             )
         positions = kwargs.get("position_ids")

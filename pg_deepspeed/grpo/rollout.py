@@ -73,7 +73,7 @@ def generate(
         raise ValueError(f"num_generations must be one G >= 1 per prompt ({B} prompts), got {num_generations!r}")
     repeats = torch.tensor(sizes, device=prompt_ids.device)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    shared = SharedPrefixCache(prompt_mask, sizes) if cache == "shared" else None
+    shared = SharedPrefixCache(prompt_mask, sizes, max_new_tokens) if cache == "shared" else None
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                 **({CACHE_KWARG: shared} if shared is not None else {}))
     if shared is not None:

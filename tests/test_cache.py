@@ -5,12 +5,14 @@ sequence forwarded alone through the unpatched model; stock `model.generate`), a
 (the brief's A/B check: float32 next-token logits within 1e-5 at every step, identical completions).
 """
 import copy
+import json
 import types
 
 import pytest
 import torch
 import transformers as tf
 
+from conftest import run_deepspeed
 from reference import TINY, dense_causal_attention, tiny_causal_lm, tiny_gpt_oss
 from pg_deepspeed import patch_model
 from pg_deepspeed.cache import SharedPrefixCache
@@ -185,3 +187,24 @@ def test_an_unpatched_model_is_refused_rather_than_attending_without_its_prompt(
 def test_an_unknown_cache_mode_is_refused():
     with pytest.raises(ValueError, match="cache must be one of"):
         _generate(tiny_causal_lm("llama"), *_prompts(0), 2, "paged")
+
+
+# ------------------------------------------------------------------------------------------ ZeRO-3, two ranks
+def test_zero3_rollouts_gathering_once_or_per_layer_give_identical_completions(tmp_path):
+    """tests/dist/rollout_gather.py through the real launcher (two CPU ranks, ZeRO-3, tiny Qwen2 sharded at birth)."""
+    result = run_deepspeed("tests/dist/rollout_gather.py", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-4000:]
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    for r in ranks:
+        for phase in ("before_step", "after_step"):
+            assert r[f"{phase}/partitioned_after"], "the weights must be partitioned again after a rollout"
+            for steps in (3, 9):
+                runs = {(c, g): r[f"{phase}/{c}/{g}/{steps}"] for c in ("shared", "repeat") for g in ("per_layer", "full")}
+                completions = [v["completions"] for v in runs.values()]
+                assert all(c == completions[0] for c in completions), (r["rank"], phase, steps)
+                assert runs[("shared", "full")]["all_gathers"] == runs[("repeat", "full")]["all_gathers"] == 0
+            # per-layer gathering pays collectives at every token; the one-off gather does not
+            assert (r[f"{phase}/shared/per_layer/9"]["all_gathers"] > r[f"{phase}/shared/per_layer/3"]["all_gathers"]
+                    > 0)
+        assert r["before_step/shared/full/9"]["completions"] != r["after_step/shared/full/9"]["completions"]
+    assert ranks[0]["before_step/shared/full/9"]["completions"] != ranks[1]["before_step/shared/full/9"]["completions"]

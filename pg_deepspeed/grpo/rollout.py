@@ -75,7 +75,7 @@ def generate(
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     shared = SharedPrefixCache(prompt_mask, sizes, max_new_tokens) if cache == "shared" else None
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                **({CACHE_KWARG: shared} if shared is not None else {}))
+                logits_to_keep=1, **({CACHE_KWARG: shared} if shared is not None else {}))  # no [B, P, V] logits
     if shared is not None:
         kv, extra = shared, {"shared_prefix": shared}
         shared.start_decoding()

@@ -10,9 +10,11 @@ Variants, on the same random weights and prompts (B prompts of exactly P tokens,
   repeat  `grpo.rollout.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
   stock   `model.generate(num_return_sequences=G, do_sample=True)` on the unpatched model (it prefills each prompt G
           times: the expansion happens before the prefill)
-Each (variant, B) runs in a fresh subprocess, one after another: its first pass measures peak memory
-(`pg_deepspeed.peak_memory.PeakMemory`: peak RSS above the start on CPU, max allocated above the start on CUDA), then
-`repeats` timed passes give the median seconds; tokens/s = B·G·T / median. Writes <out>/bench_rollout.{md,csv,png}.
+Each (variant, B) runs in a fresh subprocess, one after another: a small warm-up pass (P 16, T 2: lazy imports and
+kernels' first-call buffers, not counted), then one pass measuring peak memory (`pg_deepspeed.peak_memory.PeakMemory`:
+peak RSS above the start on CPU, max allocated above the start on CUDA) and the K/V bytes its decode cache holds at
+the end, then `repeats` timed passes give the median seconds; tokens/s = B·G·T / median.
+Writes <out>/bench_rollout.{md,csv,png}.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class Row:
     median_s: float
     tokens_per_s: float
     peak_mib: float
+    kv_mib: float
     peak_vs_repeat: float
     speed_vs_stock: float
 
@@ -82,17 +85,20 @@ def build(variant: str, shape_name: str, dtype: torch.dtype, device: torch.devic
     return model if variant == "stock" else patch_model(model, max_length=P + 1024)
 
 
-def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int) -> None:
-    from pg_deepspeed.grpo.rollout import generate
+def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int) -> int:
+    """One rollout; returns the K/V bytes its decode cache holds at the end."""
+    from pg_deepspeed.grpo.rollout import generate, kv_bytes
 
     mask = torch.ones_like(ids)
     if variant == "stock":
         torch.manual_seed(seed)
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                       num_return_sequences=G, max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
-    else:
-        generate(model, ids, mask, G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_id=-1, pad_id=0,
-                 generator=torch.Generator().manual_seed(seed), cache=variant)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             num_return_sequences=G, max_new_tokens=T, min_new_tokens=T, pad_token_id=0,
+                             use_cache=True, return_dict_in_generate=True)
+        cache = getattr(out, "cache", None)  # transformers 5.24 renamed `past_key_values`
+        return kv_bytes(cache if cache is not None else out.past_key_values)
+    return generate(model, ids, mask, G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_id=-1, pad_id=0,
+                    generator=torch.Generator().manual_seed(seed), cache=variant).cache_bytes
 
 
 @torch.no_grad()
@@ -103,8 +109,9 @@ def probe(args: argparse.Namespace) -> dict:
     vocab = get_shape(args.shape).vocab
     ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
+    one_pass(args.probe, model, ids[:1, :16], 2, 2, 0)  # warm-up: first-call costs out of the measured peak
     with PeakMemory(device) as peak:
-        one_pass(args.probe, model, ids, args.group_size, args.new_tokens, 0)
+        kv = one_pass(args.probe, model, ids, args.group_size, args.new_tokens, 0)
     times = []
     for rep in range(args.repeats):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -113,7 +120,7 @@ def probe(args: argparse.Namespace) -> dict:
         one_pass(args.probe, model, ids, args.group_size, args.new_tokens, rep + 1)
         sync()
         times.append(time.perf_counter() - t0)
-    return {"peak_bytes": peak.bytes, "times": times}
+    return {"peak_bytes": peak.bytes, "kv_bytes": kv, "times": times}
 
 
 def run_probe(args: argparse.Namespace, variant: str, B: int) -> dict:
@@ -143,12 +150,13 @@ def run_all(args: argparse.Namespace) -> list[Row]:
             peak_ratio = m["peak_bytes"] / repeat_peak if repeat_peak > 0 else float("nan")
             speed = median["stock"] / median[v] if "stock" in median else float("nan")
             rows.append(Row(B, args.prompt_len, args.group_size, args.new_tokens, v, median[v], tokens / median[v],
-                            m["peak_bytes"] / MiB, peak_ratio, speed))
+                            m["peak_bytes"] / MiB, m["kv_bytes"] / MiB, peak_ratio, speed))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("B", "P", "G", "T", "variant", "median s", "tokens/s", "peak MiB", "peak / repeat", "tokens/s x stock")
+    head = ("B", "P", "G", "T", "variant", "median s", "tokens/s", "peak MiB", "K/V MiB", "peak / repeat",
+            "tokens/s x stock")
     cell = lambda x: (f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}") if isinstance(x, float) else str(x)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in asdict(r).values()) + " |" for r in rows])

@@ -37,18 +37,13 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention.merge import add_sink, merge_attention
+from .patch import ATTENTION_KWARGS  # the same accepted attention arguments as a packed call (none is dropped)
 from .support import call_limits
-
-# attention arguments `attend` implements, or that carry no attention maths (positions are already in q and k)
-_KNOWN_KWARGS = frozenset({
-    "scaling", "s_aux", "dropout", "softcap", "sliding_window", "is_causal", "position_ids", "cache_position",
-    "use_cache", "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
-})
-
 
 class SharedPrefixLayer(DynamicLayer):
     """One layer: the prompt K/V `[B, Hkv, P, D]` (set by the prefill) and the samples' generated K/V `[N, Hkv, t, D]`
-    (the inherited `keys`/`values`, grown by concatenation as in `DynamicLayer`)."""
+    (the inherited `keys`/`values`, grown by concatenation as in `DynamicLayer`). Its sequence length, and so the
+    masks transformers builds during decoding, count the samples' own tokens only: the prompt is held aside."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,10 +54,6 @@ class SharedPrefixLayer(DynamicLayer):
         if self.prompt_keys is not None:
             raise RuntimeError("the shared prompt of this layer was already written; call start_decoding() first")
         self.prompt_keys, self.prompt_values = key_states, value_states
-
-    def get_seq_length(self) -> int:
-        """The samples' own tokens (the prompt is held aside; the decode masks are built over these only)."""
-        return super().get_seq_length()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise RuntimeError("a SharedPrefixCache holds each prompt once; it cannot be repeated")
@@ -232,7 +223,7 @@ class SharedPrefixCache(Cache):
             raise ValueError(f"{name}: attention-logit softcapping is not supported by the shared-prefix cache")
         if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
             raise ValueError(f"{name} is not causal; the shared-prefix cache serves causal decoders only")
-        unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_KWARGS and v is not None)
+        unknown = sorted(k for k, v in kwargs.items() if k not in ATTENTION_KWARGS and v is not None)
         if unknown:
             raise ValueError(f"{name} passes attention arguments {unknown} that the shared-prefix cache does not "
                              "implement; refusing rather than dropping them")

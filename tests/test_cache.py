@@ -82,6 +82,11 @@ def test_bad_prompts_and_foreign_keys_are_refused():
     q = torch.randn(3, 4, 1, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="cross-layer KV sharing"):  # keys not returned by this layer's update
         cache.attend(types.SimpleNamespace(layer_idx=0, config=None), q, keys.clone(), values, None)
+    module = types.SimpleNamespace(layer_idx=0, config=None)
+    for kwargs, match in ((dict(softcap=30.0), "softcapping"), (dict(dropout=0.1), "dropout"),
+                          (dict(alibi_slopes=torch.ones(4)), r"\['alibi_slopes'\]")):
+        with pytest.raises(ValueError, match=match):  # maths the cache does not implement is refused, not dropped
+            cache.attend(module, q, keys, values, None, **kwargs)
     with pytest.raises(RuntimeError, match="cannot be repeated"):
         cache.batch_repeat_interleave(2)
 

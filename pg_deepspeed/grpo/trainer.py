@@ -362,7 +362,8 @@ def run(plan: Plan) -> None:
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
         rollout_tokens_per_s = generated / t_rollout
-        loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout, rollout_tokens_per_s, peak, kv = all_mean(
+        (loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout, rollout_tokens_per_s, peak,
+         kv) = all_mean(
             [stats["loss"], stats["kl"], stats["clip_frac"], skipped, tokens,
              float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout, rollout_tokens_per_s,
              float(rollout_peak.bytes), float(batch.cache_bytes)])

@@ -204,7 +204,8 @@ def test_zero3_rollouts_gathering_once_or_per_layer_give_identical_completions(t
         for phase in ("before_step", "after_step"):
             assert r[f"{phase}/partitioned_after"], "the weights must be partitioned again after a rollout"
             for steps in (3, 9):
-                runs = {(c, g): r[f"{phase}/{c}/{g}/{steps}"] for c in ("shared", "repeat") for g in ("per_layer", "full")}
+                runs = {(c, g): r[f"{phase}/{c}/{g}/{steps}"]
+                        for c in ("shared", "repeat") for g in ("per_layer", "full")}
                 completions = [v["completions"] for v in runs.values()]
                 assert all(c == completions[0] for c in completions), (r["rank"], phase, steps)
                 assert runs[("shared", "full")]["all_gathers"] == runs[("repeat", "full")]["all_gathers"] == 0

@@ -88,6 +88,11 @@ def test_unknown_dtype_is_one_line(tmp_path):
     assert "--dtype must be one of" in train_fails_with(tmp_path, "--dtype", "float64")
 
 
+@pytest.mark.parametrize("option, value", [("--rollout_cache", "paged"), ("--rollout_gather", "sometimes")])
+def test_unknown_rollout_modes_are_one_line(tmp_path, option, value):
+    assert f"{option} must be one of" in train_fails_with(tmp_path, option, value)
+
+
 def test_missing_dataset_file_fails_fast(tmp_path):
     assert "--dataset '/nonexistent/data.jsonl' does not exist" in train_fails_with(
         tmp_path, "--dataset", "/nonexistent/data.jsonl")

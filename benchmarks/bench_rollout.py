@@ -1,7 +1,7 @@
 """Rollout (prefill + sampling G completions per prompt): the shared-prefix cache, the repeated cache, stock generate.
 
     python -m benchmarks.bench_rollout --preset cpu      # CPU, fp32, tiny shape, P 2048 (a quarter of the issue's)
-    python -m benchmarks.bench_rollout --preset issue    # the issue's shape: P 8192, G 16, 128 tokens (~6 GB free RAM)
+    python -m benchmarks.bench_rollout --preset issue    # the issue's shape: P 8192, G 16, 128 tokens (~12 GB free RAM)
     python -m benchmarks.bench_rollout --preset h100     # CUDA, bf16, Qwen2.5-1.5B shape, P 8192, G 16, 128 tokens
     python -m benchmarks.bench_rollout --preset smoke    # seconds; run by tests/test_bench.py
 

@@ -140,10 +140,15 @@ def prefix_grouper_attention_forward(
 ) -> tuple[Tensor, None]:
     """The registered attention function. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None).
 
-    Without `prefix_layout` it is exactly the model's original implementation. With a `sequence_shard` the
-    tensors hold the shard's L tokens and the call goes through the model's sequence-parallel exchange, which
-    runs :func:`grouped_attention_forward` on the whole sequence for a share of the heads (sharding.py).
+    Without `prefix_layout` it is exactly the model's original implementation, unless a decode step passes
+    `shared_prefix=` (a `cache.SharedPrefixCache`), whose attention merges each group's prompt held once. With a
+    `sequence_shard` the tensors hold the shard's L tokens and the call goes through the model's sequence-parallel
+    exchange, which runs :func:`grouped_attention_forward` on the whole sequence for a share of the heads
+    (sharding.py).
     """
+    shared_prefix = kwargs.pop("shared_prefix", None)
+    if shared_prefix is not None:
+        return shared_prefix.attend(module, query, key, value, attention_mask, **kwargs)
     if prefix_layout is None:
         if sequence_shard is not None:
             raise ValueError("sequence_shard needs a prefix_layout")

@@ -157,3 +157,18 @@ def test_sequence_parallel_benchmark_smoke_run_writes_its_table(tmp_path):
     bench_sequence_parallel.main(["--preset", "smoke", "--out", str(tmp_path)])
     text = (tmp_path / "sequence_parallel_smoke.md").read_text()
     assert "| 64 | 1 |" in text and "| 64 | 2 |" in text and "Longest measured P within" in text
+
+
+def test_rollout_benchmark_smoke_run_writes_its_table_and_plot(tmp_path):
+    """Three variants (shared cache, repeated cache, stock generate), each in its own process, side by side."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--preset", "smoke", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "bench_rollout.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [line["variant"] for line in lines] == ["shared", "repeat", "stock"]
+    numbers = [float(line[c]) for line in lines for c in ("median_s", "tokens_per_s", "speed_vs_stock")]
+    assert all(math.isfinite(x) and x > 0 for x in numbers) and all(float(line["peak_mib"]) >= 0 for line in lines)
+    assert float(lines[2]["speed_vs_stock"]) == 1.0
+    assert (tmp_path / "bench_rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| shared |" in (tmp_path / "bench_rollout.md").read_text()

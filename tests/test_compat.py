@@ -25,8 +25,9 @@ def test_the_rollout_decodes_without_a_deprecated_cache_name():
     """On transformers >= 5.24 `past_key_values=` warns (FutureWarning) and goes away in 5.40; the rollout avoids it."""
     model = patch_model(tiny_causal_lm("qwen2"))
     prompts = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        out = generate(model, prompts, torch.ones_like(prompts), 2, max_new_tokens=3, temperature=1.0, top_p=1.0,
-                       eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
-    assert out.completion_ids.shape == (4, 3)
+    for cache in ("shared", "repeat"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = generate(model, prompts, torch.ones_like(prompts), 2, max_new_tokens=3, temperature=1.0, top_p=1.0,
+                           eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0), cache=cache)
+        assert out.completion_ids.shape == (4, 3)

@@ -9,6 +9,7 @@ from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.data import FileDataset, KVRetrievalTask, MajorityDigitTask, batch_indices, build_source
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
+from pg_deepspeed import patch_model
 from pg_deepspeed.grpo.rollout import generate
 from reference import tiny_causal_lm
 
@@ -223,8 +224,10 @@ def markov_chain_lm():
     return model
 
 
-def rollout_and_forward_count(model, last_tokens, G, max_new_tokens, seed=0):
-    """Left-padded prompts of different lengths ending in `last_tokens`; returns (Rollout, forward calls)."""
+def rollout_and_forward_count(model, last_tokens, G, max_new_tokens, seed=0, cache="shared"):
+    """Left-padded prompts of different lengths ending in `last_tokens`, decoded through `cache` (the model patched);
+    returns (Rollout, forward calls)."""
+    patch_model(model)
     prompt_ids = torch.tensor([[0, 0, 0, 5, 7], [0, 7, 8, 9, 6], [0, 0, 0, 0, 0]])[: len(last_tokens)].clone()
     prompt_ids[:, -1] = torch.tensor(last_tokens)
     prompt_mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]])[: len(last_tokens)]
@@ -233,7 +236,7 @@ def rollout_and_forward_count(model, last_tokens, G, max_new_tokens, seed=0):
     try:
         out = generate(
             model, prompt_ids, prompt_mask, G, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
-            eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(seed),
+            eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(seed), cache=cache,
         )
     finally:
         hook.remove()
@@ -264,10 +267,11 @@ def assert_rows_follow_chain(out, last_tokens, G, max_new_tokens):
     return lengths
 
 
-def test_rollout_stops_each_row_at_its_eos_and_stops_decoding_when_all_are_done():
+@pytest.mark.parametrize("cache", ["shared", "repeat"])
+def test_rollout_stops_each_row_at_its_eos_and_stops_decoding_when_all_are_done(cache):
     """Rows end at EOS on steps 1, 4 and 2 or 6; EOS is inside the mask, PAD after; no forward after the last EOS."""
     model, last_tokens, G, max_new_tokens = markov_chain_lm(), [10, 20, 30], 4, 16
-    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens)
+    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens, cache=cache)
     lengths = assert_rows_follow_chain(out, last_tokens, G, max_new_tokens)
     assert lengths[:8] == [1] * 4 + [4] * 4
     assert set(lengths[8:]) == {2, 6}, "seed 0 samples both branches of token 30"  # fixed seed: deterministic
@@ -275,10 +279,11 @@ def test_rollout_stops_each_row_at_its_eos_and_stops_decoding_when_all_are_done(
     assert forwards == 6                                # the prefill and 5 decode steps: none after the last EOS
 
 
-def test_rollout_row_without_eos_runs_to_max_new_tokens_beside_finished_rows():
+@pytest.mark.parametrize("cache", ["shared", "repeat"])
+def test_rollout_row_without_eos_runs_to_max_new_tokens_beside_finished_rows(cache):
     """A row that never samples EOS is cut at max_new_tokens with a full mask; the finished rows stay padded."""
     model, last_tokens, G, max_new_tokens = markov_chain_lm(), [10, 50], 2, 5
-    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens)
+    out, forwards = rollout_and_forward_count(model, last_tokens, G, max_new_tokens, cache=cache)
     lengths = assert_rows_follow_chain(out, last_tokens, G, max_new_tokens)
     assert lengths == [1, 1, 5, 5]
     assert out.completion_ids[2:].tolist() == [[51, 50, 51, 50, 51]] * 2 and EOS not in out.completion_ids[2:]

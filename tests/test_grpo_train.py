@@ -18,7 +18,8 @@ from pg_deepspeed.presets import PRESETS, preset_config
 from pg_deepspeed.tokenizer import build_char_tokenizer
 
 KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "tokens_per_s", "prefix_tokens_saved",
-        "step_time_s", "world_size"}
+        "step_time_s", "world_size", "rollout_time_s", "rollout_tokens_per_s", "rollout_peak_mem_bytes",
+        "rollout_cache_bytes"}
 TINY = ["--prompt_length", "48", "--num_generations", "4", "--max_new_tokens", "3", "--prompts_per_device", "2"]
 
 
@@ -38,6 +39,7 @@ def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
         assert r["world_size"] == 2
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in KEYS)
         assert r["prefix_tokens_saved"] > 0
+        assert r["rollout_tokens_per_s"] > 0 and r["rollout_cache_bytes"] > 0 and r["rollout_peak_mem_bytes"] >= 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
     assert (out / "checkpoints" / "step_2").is_dir()
     assert (out / "export" / "config.json").is_file() and (out / "export" / "model.safetensors").is_file()
@@ -84,6 +86,11 @@ def test_a_sliding_window_shorter_than_the_run_is_refused_before_any_work(tmp_pa
 
 def test_unknown_dtype_is_one_line(tmp_path):
     assert "--dtype must be one of" in train_fails_with(tmp_path, "--dtype", "float64")
+
+
+@pytest.mark.parametrize("option, value", [("--rollout_cache", "paged"), ("--rollout_gather", "sometimes")])
+def test_unknown_rollout_modes_are_one_line(tmp_path, option, value):
+    assert f"{option} must be one of" in train_fails_with(tmp_path, option, value)
 
 
 def test_missing_dataset_file_fails_fast(tmp_path):
@@ -150,7 +157,7 @@ def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_s
 # ------------------------------------------------------------------------------ a kill in the middle of a save
 KILL_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--max_steps", "6", "--save_steps", "2",
              "--save_total_limit", "2", "--beta", "0.04", "--sft_warmup_steps", "2", *TINY]
-TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s"}
+TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s", "rollout_tokens_per_s", "rollout_peak_mem_bytes"}
 
 
 def train_until_killed(out, marker, timeout: float = 600) -> None:

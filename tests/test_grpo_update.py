@@ -75,14 +75,16 @@ def test_a_preamble_shared_by_the_micro_batch_is_used_and_changes_nothing(model)
     assert max(((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()).item() for n in grads_b) <= 1e-4
 
 
-def test_prefix_once_rollout_matches_hf_generate_greedy(model):
-    """The prefill once + cache repeated to G samples decodes what HF generate decodes on repeated prompts."""
+@pytest.mark.parametrize("cache", ["shared", "repeat"])
+def test_prefix_once_rollout_matches_hf_generate_greedy(model, cache):
+    """The prefill once + either decode cache (the prompt held once, or repeated to the G samples) decodes what HF
+    generate decodes on repeated prompts."""
     batch = random_batch(G=3, B=2, Lp=30)
     G = 3
     tiny_top_p = 1e-9  # nucleus of one token: greedy
     out = generate(
         model, batch.prompt_ids, batch.prompt_mask, G, max_new_tokens=6, temperature=1.0, top_p=tiny_top_p,
-        eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0),
+        eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0), cache=cache,
     )
     hf = model.generate(
         input_ids=batch.prompt_ids.repeat_interleave(G, 0), attention_mask=batch.prompt_mask.repeat_interleave(G, 0),

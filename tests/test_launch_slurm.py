@@ -168,7 +168,7 @@ def test_arguments_after_the_script_reach_train_py_unchanged(uninterrupted: tupl
         assert argv[2:] == ["launch/train.py", "--local_rank=0", *TRAIN_ARGS, "--output_dir", str(job_dir), "--resume"]
 
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s"}
+TIMING_KEYS = {"tokens_per_s", "step_time_s", "rollout_time_s", "rollout_tokens_per_s", "rollout_peak_mem_bytes"}
 
 
 def assert_same_metrics(resumed: list[dict], uninterrupted: list[dict], logs: str) -> None:

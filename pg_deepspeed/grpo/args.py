@@ -62,6 +62,16 @@ class GRPOArguments:
     no_prefix_grouping: bool = field(
         default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}
     )
+    rollout_cache: str = field(
+        default="shared",
+        metadata={"help": "Decode cache of the rollout: shared (each prompt's K/V once per group, merged by "
+                  "log-sum-exp) or repeat (the prompt's K/V repeated to its G samples; for A/B comparisons)."},
+    )
+    rollout_gather: str = field(
+        default="full",
+        metadata={"help": "ZeRO-3 rollout weights: full (gathered once per rollout; needs the whole model in memory "
+                  "on every rank) or per_layer (ZeRO-3's per-layer gathering at every token)."},
+    )
     min_shared_preamble: int = field(
         default=32,
         metadata={"help": "Share the tokens every prompt of a micro-batch begins with (a system prompt, few-shot "

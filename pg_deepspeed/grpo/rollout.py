@@ -1,29 +1,37 @@
-"""Sampling G completions per prompt with a prefix-once prefill.
+"""Sampling G completions per prompt with a prefix-once prefill, and a decode cache that holds each prompt once.
 
-Each prompt is prefilled once; its KV cache is then repeated to its G samples
-(`cache.batch_repeat_interleave(G)`), so the prompt's prefill costs 1/G of the naive one. Decoding
-runs token by token with the model's own (unpatched) attention.
+Each prompt is prefilled once. Decoding then runs token by token through one of two caches:
+- `cache="shared"` (the default): `cache.SharedPrefixCache` keeps each group's prompt K/V once and each sample's
+  generated K/V on its own; decode attention merges the two by log-sum-exp. Needs a patched model (`patch_model`).
+- `cache="repeat"`: transformers' DynamicCache repeated to the G samples (`batch_repeat_interleave(G)`), decoded with
+  the model's own attention; it holds B·G copies of the prompt's K/V (kept for A/B comparisons).
 
-Under ZeRO-3 every forward gathers each layer's parameters with a collective, so all ranks must run
-the same number of forwards: the loop stops only when every rank is done (an all-reduce per token).
-Memory: the decode cache holds B·G copies of the prompt's K/V — the trade-off for one prefill; lower
-`--prompts_per_device` where that is too much.
+Under ZeRO-3 every forward gathers each layer's parameters with a collective (unless the weights are gathered once
+around the rollout, `gather.py`), so all ranks must run the same number of forwards: the loop stops only when every
+rank is done (an all-reduce per token; the preemption guard's polls rely on it too).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ..cache import SharedPrefixCache
 from ..compat import CACHE_KWARG, returned_cache
 from .collective import any_rank
+
+
+CACHE_MODES = ("shared", "repeat")
 
 
 @dataclass
 class Rollout:
     completion_ids: Tensor   # [N, Lc], right-padded with pad_id
     completion_mask: Tensor  # [N, Lc], 1 on generated tokens (EOS included)
+    cache_bytes: int = 0     # the decode cache's K/V at its largest (after the last step)
+    step_logits: list[Tensor] | None = None  # with keep_logits: the model's next-token logits [N, V] of every step
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
@@ -44,7 +52,7 @@ def generate(
     model,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    num_generations: int,
+    num_generations: int | Sequence[int],
     *,
     max_new_tokens: int,
     temperature: float,
@@ -52,21 +60,40 @@ def generate(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator,
+    cache: str = "shared",
+    keep_logits: bool = False,
 ) -> Rollout:
-    """prompt_ids/prompt_mask: [B, Lp] left-padded -> G completions per prompt, rows of a group consecutive."""
-    G = num_generations
+    """prompt_ids/prompt_mask: [B, Lp] left-padded -> G_b completions of prompt b (num_generations: one G for all or
+    B of them), rows of a group consecutive. cache: "shared" or "repeat" (see the module docstring)."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    B = prompt_ids.shape[0]
+    sizes = [num_generations] * B if isinstance(num_generations, int) else [int(g) for g in num_generations]
+    if len(sizes) != B or min(sizes, default=1) < 1:
+        raise ValueError(f"num_generations must be one G >= 1 per prompt ({B} prompts), got {num_generations!r}")
+    repeats = torch.tensor(sizes, device=prompt_ids.device)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache = returned_cache(out)
-    cache.batch_repeat_interleave(G)
-    logits = out.logits[:, -1].repeat_interleave(G, 0)
-    attention_mask = prompt_mask.repeat_interleave(G, 0)
-    next_pos = prompt_mask.sum(1).repeat_interleave(G, 0)
+    shared = SharedPrefixCache(prompt_mask, sizes, max_new_tokens) if cache == "shared" else None
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **({CACHE_KWARG: shared} if shared is not None else {}))  # no [B, P, V] logits
+    if shared is not None:
+        kv, extra = shared, {"shared_prefix": shared}
+        shared.start_decoding()
+    else:
+        kv, extra = returned_cache(out), {}
+        if len(set(sizes)) == 1:
+            kv.batch_repeat_interleave(sizes[0])
+        else:
+            kv.batch_select_indices(torch.repeat_interleave(torch.arange(B, device=prompt_ids.device), repeats))
+    logits = out.logits[:, -1].repeat_interleave(repeats, 0)
+    attention_mask = prompt_mask.repeat_interleave(repeats, 0)
+    next_pos = prompt_mask.sum(1).repeat_interleave(repeats, 0)
 
     N = logits.shape[0]
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     length = torch.zeros(N, dtype=torch.long, device=prompt_ids.device)
+    kept = [logits.float()] if keep_logits else None
     for t in range(max_new_tokens):
         tok = sample_tokens(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -75,13 +102,25 @@ def generate(
         done |= tok == eos_id
         if t == max_new_tokens - 1 or not any_rank(not bool(done.all())):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(tok)[:, None]], 1)
+        if shared is None:  # the shared cache defines its own attention (prompt mask and causal generated part)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(tok)[:, None]], 1)
         out = model(
-            input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
-            use_cache=True, **{CACHE_KWARG: cache},
+            input_ids=tok[:, None], attention_mask=None if shared is not None else attention_mask,
+            position_ids=next_pos[:, None], use_cache=True, **{CACHE_KWARG: kv}, **extra,
         )
+        if shared is not None:
+            shared.check_step()
         logits = out.logits[:, -1]
+        if kept is not None:
+            kept.append(logits.float())
         next_pos = next_pos + 1
     width = int(length.max())
     mask = (torch.arange(width, device=tokens.device)[None] < length[:, None]).long()
-    return Rollout(completion_ids=tokens[:, :width] * mask + pad_id * (1 - mask), completion_mask=mask)
+    return Rollout(completion_ids=tokens[:, :width] * mask + pad_id * (1 - mask), completion_mask=mask,
+                   cache_bytes=shared.peak_bytes if shared is not None else kv_bytes(kv), step_logits=kept)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the K/V tensors a transformers cache holds now."""
+    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))

@@ -22,10 +22,12 @@ from ..build import build_model, check_patchable, init_policy, init_reference, l
 from ..checkpoint import current_rng_state, load_checkpoint, save_checkpoint
 from ..ds_config import DTYPES, dtype_name, load_ds_config
 from ..export import export_hf
+from ..gather import GATHER_MODES, gathered_for_generation
 from ..logprobs import completion_logprobs
 from ..packing import common_prefix_length
 from ..patch import patch_model
 from ..sequence_parallel import check_sequence_parallel_size, gradient_scale
+from ..peak_memory import PeakMemory
 from .advantages import ESTIMATORS, group_advantages
 from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from .collective import all_gather_cat, all_mean, broadcast_from_first
@@ -34,7 +36,7 @@ from .loss import AGGREGATIONS, grpo_loss
 from .metrics import MetricsLogger
 from .preemption import Preempted, PreemptionGuard, node_rank
 from .rewards import compute_rewards, resolve_reward_fn
-from .rollout import generate
+from .rollout import CACHE_MODES, generate
 
 SFT_OFFSET = 2**61  # SFT prompts are indexed far from the GRPO ones
 
@@ -51,6 +53,7 @@ class Batch:
     advantages: torch.Tensor       # [N]
     old_logps: torch.Tensor | None = None  # [N, Lc]
     ref_logps: torch.Tensor | None = None  # [N, Lc]
+    cache_bytes: int = 0  # the rollout's decode cache K/V at its largest
 
     def micro_batch(self, i: int, prompts: int, G: int) -> "Batch":
         p, c = slice(i * prompts, (i + 1) * prompts), slice(i * prompts * G, (i + 1) * prompts * G)
@@ -90,6 +93,10 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise ValueError(f"--temperature must be > 0, got {grpo.temperature}")
     if grpo.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {grpo.beta}")
+    if grpo.rollout_cache not in CACHE_MODES:
+        raise ValueError(f"--rollout_cache must be one of {CACHE_MODES}, got {grpo.rollout_cache!r}")
+    if grpo.rollout_gather not in GATHER_MODES:
+        raise ValueError(f"--rollout_gather must be one of {GATHER_MODES}, got {grpo.rollout_gather!r}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
 
@@ -164,11 +171,12 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
     module = policy.module
     was_training = module.training
     module.eval()
-    out = generate(
-        guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations, max_new_tokens=grpo.max_new_tokens,
-        temperature=grpo.temperature, top_p=grpo.top_p, eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id, generator=generator,
-    )
+    with gathered_for_generation(policy, grpo.rollout_gather):
+        out = generate(
+            guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations,
+            max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature, top_p=grpo.top_p,
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator, cache=grpo.rollout_cache,
+        )
     module.train(was_training)
     if train.sequence_parallel_size > 1:
         out.completion_ids, out.completion_mask = broadcast_from_first(
@@ -181,7 +189,7 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
     rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
     sizes = torch.full((len(examples),), G, dtype=torch.long, device=device)
     return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, rewards,
-                 group_advantages(rewards, sizes, grpo.advantage))
+                 group_advantages(rewards, sizes, grpo.advantage), cache_bytes=out.cache_bytes)
 
 
 @torch.no_grad()
@@ -356,11 +364,13 @@ def run(plan: Plan) -> None:
         t0 = time.perf_counter()
         at_boundary = current_rng_state()
         try:
-            batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, replica, replicas, device,
-                            guard)
+            with PeakMemory(device) as rollout_peak:
+                batch = rollout(policy, tokenizer, source, plan.reward_fn, grpo, train, step, replica, replicas,
+                                device, guard)
         except Preempted:
             return stop(step, rng_state=at_boundary, during=f" during the rollout of step {step + 1}")
         t_rollout = time.perf_counter() - t0
+        generated = float(batch.completion_mask.sum())
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         stats = update(policy, batch, grpo, train)
         step += 1
@@ -370,15 +380,22 @@ def run(plan: Plan) -> None:
         skipped = float(((G - 1) * batch.prompt_mask.sum()).item()) * (0 if grpo.no_prefix_grouping else 1)
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
-        loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout = all_mean(
+        rollout_tokens_per_s = generated / t_rollout
+        (loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout, rollout_tokens_per_s, peak,
+         kv) = all_mean(
             [stats["loss"], stats["kl"], stats["clip_frac"], skipped, tokens,
-             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout])
+             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout, rollout_tokens_per_s,
+             float(rollout_peak.bytes), float(batch.cache_bytes)])
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
             "completion_length": completion_len, "tokens_per_s": tokens * replicas / elapsed,
             "prefix_tokens_saved": int(skipped * replicas * logprob_passes),
-            "step_time_s": elapsed, "rollout_time_s": t_rollout, "lr": policy.get_lr()[0], "world_size": world,
+            "step_time_s": elapsed, "rollout_time_s": t_rollout,
+            # generated tokens per second of rollout, all replicas; per-rank means of the rollout's peak memory
+            # (PeakMemory: CUDA allocated, or CPU peak RSS, above the start) and of its decode cache's K/V bytes
+            "rollout_tokens_per_s": rollout_tokens_per_s * replicas, "rollout_peak_mem_bytes": int(peak),
+            "rollout_cache_bytes": int(kv), "lr": policy.get_lr()[0], "world_size": world,
             "sequence_parallel_size": sp,
             "node_ranks": nodes,
         })

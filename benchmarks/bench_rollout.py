@@ -1,0 +1,257 @@
+"""Rollout (prefill + sampling G completions per prompt): the shared-prefix cache, the repeated cache, stock generate.
+
+    python -m benchmarks.bench_rollout --preset cpu      # CPU, fp32, tiny shape, P 2048 (a quarter of the issue's)
+    python -m benchmarks.bench_rollout --preset issue    # the issue's shape: P 8192, G 16, 128 tokens (~12 GB free RAM)
+    python -m benchmarks.bench_rollout --preset h100     # CUDA, bf16, Qwen2.5-1.5B shape, P 8192, G 16, 128 tokens
+    python -m benchmarks.bench_rollout --preset smoke    # seconds; run by tests/test_bench.py
+
+Variants, on the same random weights and prompts (B prompts of exactly P tokens, no EOS: every sample makes T):
+  shared  `grpo.rollout.generate(cache="shared")`: each prompt's K/V once per group (pg_deepspeed/cache.py)
+  repeat  `grpo.rollout.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
+  stock   `model.generate(num_return_sequences=G, do_sample=True)` on the unpatched model (it prefills each prompt G
+          times: the expansion happens before the prefill)
+Each (variant, B) runs in a fresh subprocess, one after another: a small warm-up pass (P 16, T 2: lazy imports and
+kernels' first-call buffers, not counted), then one pass measuring peak memory (`pg_deepspeed.peak_memory.PeakMemory`:
+peak RSS above the start on CPU, max allocated above the start on CUDA) and the K/V bytes its decode cache holds at
+the end, then `repeats` timed passes give the median seconds; tokens/s = B·G·T / median.
+Writes <out>/bench_rollout.{md,csv,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pg_deepspeed.peak_memory import PeakMemory
+
+from .shapes import get_shape
+
+VARIANTS = ("shared", "repeat", "stock")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Preset:
+    device: str
+    dtype: str
+    shape: str
+    prompt_len: int
+    group_size: int
+    new_tokens: int
+    prompts: tuple[int, ...]
+    repeats: int
+    threads: int  # torch intra-op threads (0: torch's default)
+
+
+PRESETS = {
+    "cpu": Preset("cpu", "float32", "tiny", 2048, 16, 128, (1, 4), repeats=3, threads=1),
+    "issue": Preset("cpu", "float32", "tiny", 8192, 16, 128, (1, 4), repeats=3, threads=1),
+    "h100": Preset("cuda", "bfloat16", "1.5b", 8192, 16, 128, (1, 4), repeats=5, threads=0),
+    "smoke": Preset("cpu", "float32", "tiny", 64, 4, 8, (2,), repeats=1, threads=1),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    prompts: int
+    prompt_len: int
+    group_size: int
+    new_tokens: int
+    variant: str
+    median_s: float
+    tokens_per_s: float
+    peak_mib: float
+    kv_mib: float
+    peak_vs_repeat: float
+    speed_vs_stock: float
+
+
+# ------------------------------------------------------------------------------------------ one variant
+def build(variant: str, shape_name: str, dtype: torch.dtype, device: torch.device, P: int):
+    from pg_deepspeed import patch_model
+
+    model = get_shape(shape_name).build(dtype, device).eval()
+    model.config.use_cache = True
+    return model if variant == "stock" else patch_model(model, max_length=P + 1024)
+
+
+def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int) -> int:
+    """One rollout; returns the K/V bytes its decode cache holds at the end."""
+    from pg_deepspeed.grpo.rollout import generate, kv_bytes
+
+    mask = torch.ones_like(ids)
+    if variant == "stock":
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             num_return_sequences=G, max_new_tokens=T, min_new_tokens=T, pad_token_id=0,
+                             use_cache=True, return_dict_in_generate=True)
+        cache = getattr(out, "cache", None)  # transformers 5.24 renamed `past_key_values`
+        return kv_bytes(cache if cache is not None else out.past_key_values)
+    return generate(model, ids, mask, G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_id=-1, pad_id=0,
+                    generator=torch.Generator().manual_seed(seed), cache=variant).cache_bytes
+
+
+@torch.no_grad()
+def probe(args: argparse.Namespace) -> dict:
+    """Runs in its own process: peak memory of the first pass, then the timed passes."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = build(args.probe, args.shape, dtype, device, args.prompt_len)
+    vocab = get_shape(args.shape).vocab
+    ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    one_pass(args.probe, model, ids[:1, :16], 2, 2, 0)  # warm-up: first-call costs out of the measured peak
+    with PeakMemory(device) as peak:
+        kv = one_pass(args.probe, model, ids, args.group_size, args.new_tokens, 0)
+    times = []
+    for rep in range(args.repeats):
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        one_pass(args.probe, model, ids, args.group_size, args.new_tokens, rep + 1)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"peak_bytes": peak.bytes, "kv_bytes": kv, "times": times}
+
+
+def run_probe(args: argparse.Namespace, variant: str, B: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--probe", variant, "--batch", str(B),
+           "--device", args.device, "--dtype", args.dtype, "--shape", args.shape, "--prompt-len", str(args.prompt_len),
+           "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} B={B} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ the table
+def run_all(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for B in args.prompts:
+        measured = {}
+        for variant in args.variants:
+            measured[variant] = run_probe(args, variant, B)
+            print(f"B={B} {variant}: peak {measured[variant]['peak_bytes'] / MiB:.1f} MiB, "
+                  f"times {[round(t, 3) for t in measured[variant]['times']]} s", flush=True)
+        tokens = B * args.group_size * args.new_tokens
+        median = {v: statistics.median(m["times"]) for v, m in measured.items()}
+        for v, m in measured.items():
+            repeat_peak = measured.get("repeat", {}).get("peak_bytes", 0)
+            peak_ratio = m["peak_bytes"] / repeat_peak if repeat_peak > 0 else float("nan")
+            speed = median["stock"] / median[v] if "stock" in median else float("nan")
+            rows.append(Row(B, args.prompt_len, args.group_size, args.new_tokens, v, median[v], tokens / median[v],
+                            m["peak_bytes"] / MiB, m["kv_bytes"] / MiB, peak_ratio, speed))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("B", "P", "G", "T", "variant", "median s", "tokens/s", "peak MiB", "K/V MiB", "peak / repeat",
+            "tokens/s x stock")
+    cell = lambda x: (f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}") if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in asdict(r).values()) + " |" for r in rows])
+
+
+def plot(rows: list[Row], path: Path, title: str) -> bool:
+    """Peak memory and tokens/s per variant and B, side by side; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    batches = sorted({r.prompts for r in rows})
+    variants = [v for v in VARIANTS if any(r.variant == v for r in rows)]
+    width = 0.8 / len(variants)
+    for ax, field, label in ((axes[0], "peak_mib", "peak MiB"), (axes[1], "tokens_per_s", "tokens/s")):
+        for i, v in enumerate(variants):
+            values = [next(getattr(r, field) for r in rows if r.prompts == b and r.variant == v) for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], values, width, label=v)
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(batches))], [f"B={b}" for b in batches])
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def header(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads or 'default'} threads"
+    return "\n".join([
+        "# Rollout: prefill + G sampled completions per prompt",
+        f"device: {where}; dtype {args.dtype}; shape {args.shape} {get_shape(args.shape)}",
+        f"torch {torch.__version__}; P {args.prompt_len}, G {args.group_size}, T {args.new_tokens} new tokens; "
+        f"median of {args.repeats} after a memory pass; load average " + "/".join(f"{x:.2f}" for x in os.getloadavg()),
+        f"peak memory: {PeakMemory.method(device)} (the first pass of a fresh process per variant)",
+        f"command: python -m benchmarks.bench_rollout {' '.join(sys.argv[1:])}",
+    ])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--shape")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--prompts", type=int, nargs="+")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key, value in vars(PRESETS[args.preset]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("prompt_len", "group_size", "new_tokens", "repeats"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if min(args.prompts) < 1:
+        raise SystemExit(f"--prompts must be >= 1, got {args.prompts}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        print(json.dumps(probe(args)))
+        return
+    print(header(args), flush=True)
+    rows = run_all(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "bench_rollout.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    table = format_table(rows)
+    (args.out / "bench_rollout.md").write_text(header(args) + "\n\n" + table + "\n")
+    plotted = plot(rows, args.out / "bench_rollout.png", f"{args.shape}, {args.dtype}, {args.device}, "
+                   f"P {args.prompt_len}, G {args.group_size}, T {args.new_tokens}")
+    print("\n" + table)
+    print(f"\nwrote {args.out}/bench_rollout.csv, .md" + (", .png" if plotted else " (no plot: matplotlib missing)"))
+
+
+if __name__ == "__main__":
+    main()

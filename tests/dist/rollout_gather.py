@@ -1,0 +1,104 @@
+"""Two-rank ZeRO-3 rollouts run by tests/test_cache.py through the real launcher; rank 0 writes --out/result.json.
+
+    deepspeed --num_gpus 2 tests/dist/rollout_gather.py --out DIR
+
+A tiny Qwen2 policy built sharded (zero.Init) samples the same prompts with the same seed under
+`--rollout_gather per_layer` and `full`, with the shared and the repeated cache, then takes one optimizer step and
+samples again in both modes (the ZeRO-3 hooks must work again after a gathered rollout). Each rank has its own
+prompts, so the ranks finish at different tokens. It counts the all-gathers that torch.distributed sees during
+each rollout's decode loop (after the context's own gather), at two completion lengths.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+COUNTS = {"all_gather": 0}
+
+
+def _counting(fn):
+    def call(*args, **kwargs):
+        COUNTS["all_gather"] += 1
+        return fn(*args, **kwargs)
+    return call
+
+
+for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"):
+    if hasattr(dist, _name):  # before deepspeed binds them
+        setattr(dist, _name, _counting(getattr(dist, _name)))
+
+import deepspeed  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from pg_deepspeed.build import build_model, init_policy  # noqa: E402
+from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
+from pg_deepspeed.gather import gathered_for_generation  # noqa: E402
+from pg_deepspeed.grpo.rollout import generate  # noqa: E402
+from pg_deepspeed.presets import preset_config  # noqa: E402
+
+MODEL, SEED = "tiny-qwen2", 4321
+
+
+def prompts(rank: int):
+    g = torch.Generator().manual_seed(SEED + rank)
+    lengths = [[3, 8], [6, 5]][rank]
+    ids = torch.randint(4, 60, (2, 8), generator=g)
+    mask = (torch.arange(8) >= 8 - torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
+def rollout(engine, gather: str, cache: str, steps: int, rank: int) -> tuple[list, int]:
+    ids, mask = prompts(rank)
+    engine.module.eval()
+    with gathered_for_generation(engine, gather):
+        COUNTS["all_gather"] = 0  # those of the decode loop only (entering "full" gathers the model once)
+        out = generate(engine.module, ids, mask, 3, max_new_tokens=steps, temperature=1.0, top_p=1.0, eos_id=-1,
+                       pad_id=0, generator=torch.Generator().manual_seed(SEED + 7 * rank), cache=cache)
+    engine.module.train()
+    return out.completion_ids.tolist(), COUNTS["all_gather"]
+
+
+def train_step(engine, rank: int) -> None:
+    ids, mask = prompts(rank)
+    logits = engine(input_ids=ids, attention_mask=mask).logits
+    engine.backward(logits.float().pow(2).mean())
+    engine.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    config = load_ds_config("ds_configs/zero3_cpu.json", micro_batch_size=2, gradient_accumulation_steps=1,
+                            world_size=2, hidden_size=preset_config(MODEL).hidden_size, dtype="float32", lr=1e-2,
+                            weight_decay=0.0, warmup_steps=0, total_steps=2)
+    config.pop("scheduler")
+    torch.manual_seed(SEED)
+    engine = init_policy(build_model(MODEL, config, dtype=torch.float32), config)
+    result = {"rank": rank}
+    for phase in ("before_step", "after_step"):
+        for cache in ("shared", "repeat"):
+            for gather in ("per_layer", "full"):
+                for steps in (3, 9):
+                    completions, gathers = rollout(engine, gather, cache, steps, rank)
+                    result[f"{phase}/{cache}/{gather}/{steps}"] = {"completions": completions, "all_gathers": gathers}
+        result[f"{phase}/partitioned_after"] = all(
+            p.ds_status.name == "NOT_AVAILABLE" or getattr(p, "ds_persist", False)
+            for p in engine.module.parameters())
+        if phase == "before_step":
+            train_step(engine, rank)
+    results = [None, None]
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,9 +36,11 @@ class PeakMemory:
             self._before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._before = _status_kib("VmRSS") * 1024
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
+            # read after the reset: the high-water mark is then at least this, so the growth is never negative
+            # (read before it, RSS freed in between made it -54 KB once)
+            self._before = _status_kib("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,6 +8,7 @@
 Variants, on the same random weights and prompts (B prompts of exactly P tokens, no EOS: every sample makes T):
   shared  `grpo.rollout.generate(cache="shared")`: each prompt's K/V once per group (pg_deepspeed/cache.py)
   repeat  `grpo.rollout.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
+  (both prefill in chunks of --prefill-chunk columns, 2048 by default, as the trainer does)
   stock   `model.generate(num_return_sequences=G, do_sample=True)` on the unpatched model (it prefills each prompt G
           times: the expansion happens before the prefill)
 Each (variant, B) runs in a fresh subprocess, one after another: a small warm-up pass (P 16, T 2: lazy imports and
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from pg_deepspeed.grpo.rollout import DEFAULT_PREFILL_CHUNK
 from pg_deepspeed.peak_memory import PeakMemory
 
 from .shapes import get_shape
@@ -85,7 +87,7 @@ def build(variant: str, shape_name: str, dtype: torch.dtype, device: torch.devic
     return model if variant == "stock" else patch_model(model, max_length=P + 1024)
 
 
-def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int) -> int:
+def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int, prefill_chunk: int) -> int:
     """One rollout; returns the K/V bytes its decode cache holds at the end."""
     from pg_deepspeed.grpo.rollout import generate, kv_bytes
 
@@ -98,7 +100,8 @@ def one_pass(variant: str, model, ids: torch.Tensor, G: int, T: int, seed: int) 
         cache = getattr(out, "cache", None)  # transformers 5.24 renamed `past_key_values`
         return kv_bytes(cache if cache is not None else out.past_key_values)
     return generate(model, ids, mask, G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_id=-1, pad_id=0,
-                    generator=torch.Generator().manual_seed(seed), cache=variant).cache_bytes
+                    generator=torch.Generator().manual_seed(seed), cache=variant,
+                    prefill_chunk=prefill_chunk).cache_bytes
 
 
 @torch.no_grad()
@@ -109,15 +112,16 @@ def probe(args: argparse.Namespace) -> dict:
     vocab = get_shape(args.shape).vocab
     ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    one_pass(args.probe, model, ids[:1, :16], 2, 2, 0)  # warm-up: first-call costs out of the measured peak
+    # warm-up: first-call costs out of the measured peak
+    one_pass(args.probe, model, ids[:1, :16], 2, 2, 0, args.prefill_chunk)
     with PeakMemory(device) as peak:
-        kv = one_pass(args.probe, model, ids, args.group_size, args.new_tokens, 0)
+        kv = one_pass(args.probe, model, ids, args.group_size, args.new_tokens, 0, args.prefill_chunk)
     times = []
     for rep in range(args.repeats):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        one_pass(args.probe, model, ids, args.group_size, args.new_tokens, rep + 1)
+        one_pass(args.probe, model, ids, args.group_size, args.new_tokens, rep + 1, args.prefill_chunk)
         sync()
         times.append(time.perf_counter() - t0)
     return {"peak_bytes": peak.bytes, "kv_bytes": kv, "times": times}
@@ -127,7 +131,7 @@ def run_probe(args: argparse.Namespace, variant: str, B: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--probe", variant, "--batch", str(B),
            "--device", args.device, "--dtype", args.dtype, "--shape", args.shape, "--prompt-len", str(args.prompt_len),
            "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if result.returncode != 0:
         raise RuntimeError(f"{variant} B={B} failed:\n{result.stderr[-3000:]}")
@@ -195,6 +199,7 @@ def header(args: argparse.Namespace) -> str:
         "# Rollout: prefill + G sampled completions per prompt",
         f"device: {where}; dtype {args.dtype}; shape {args.shape} {get_shape(args.shape)}",
         f"torch {torch.__version__}; P {args.prompt_len}, G {args.group_size}, T {args.new_tokens} new tokens; "
+        f"prefill chunk {args.prefill_chunk or 'whole'} (shared, repeat); "
         f"median of {args.repeats} after a memory pass; load average " + "/".join(f"{x:.2f}" for x in os.getloadavg()),
         f"peak memory: {PeakMemory.method(device)} (the first pass of a fresh process per variant)",
         f"command: python -m benchmarks.bench_rollout {' '.join(sys.argv[1:])}",
@@ -214,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="shared/repeat: prompt columns per prefill forward (0 = whole); stock prefills whole")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"))
     p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ prompt's K/V and reads all of them at every token. This cache holds, per layer,
 | tensor                    | shape              | what                                                        |
 |---------------------------|--------------------|-------------------------------------------------------------|
 | `prompt_keys/values`      | `[B, Hkv, P, D]`   | group b's left-padded prompt, written once by the prefill    |
+|                           |                    | (whole, or chunk by chunk into one allocation)               |
 | `keys/values`             | `[N, Hkv, t, D]`   | sample n's own generated tokens (N = Σ G_b, a group's rows    |
 |                           |                    | consecutive), grown by every decode step                     |
 
@@ -16,7 +17,8 @@ aligned). With a = the prompt pass and b = the generated pass, O = e^(L_a−L)·
 
 How it plugs into transformers (5.23 and 5.24): an attention module calls `cache.update(k, v, layer_idx, ...)`
 and hands what it gets back to the attention function. During the prefill `update` stores the prompt's K/V and
-returns them, and the model's own attention runs with the prompt mask. After `start_decoding()`, `update` stores
+returns the prompt written so far, and the model's own attention runs with the prompt mask; a prefill may come in
+chunks of columns (`rollout.generate(prefill_chunk=...)`), each attending to the columns before it. After `start_decoding()`, `update` stores
 the sample's new K/V and returns the sample's generated K/V only; the forward must be given `shared_prefix=cache`,
 which the "prefix_grouper" attention function (`patch.py`) routes to `attend`, where the group's prompt part is
 fetched by `module.layer_idx` and merged. So the model must be patched (`patch_model`); `check_step()` after each
@@ -41,19 +43,37 @@ from .patch import ATTENTION_KWARGS  # the same accepted attention arguments as 
 from .support import call_limits
 
 class SharedPrefixLayer(DynamicLayer):
-    """One layer: the prompt K/V `[B, Hkv, P, D]` (set by the prefill) and the samples' generated K/V `[N, Hkv, t, D]`
-    (the inherited `keys`/`values`, grown by concatenation as in `DynamicLayer`). Its sequence length, and so the
-    masks transformers builds during decoding, count the samples' own tokens only: the prompt is held aside."""
+    """One layer: the prompt K/V `[B, Hkv, P, D]` (written by the prefill, whole or in chunks) and the samples'
+    generated K/V `[N, Hkv, t, D]` (the inherited `keys`/`values`, grown by concatenation as in `DynamicLayer`).
+    While prefilling, its sequence length is the prompt columns written so far (so transformers masks a chunk against
+    them); once decoding, the samples' own tokens only: the prompt is held aside."""
 
     def __init__(self) -> None:
         super().__init__()
         self.prompt_keys: Tensor | None = None
         self.prompt_values: Tensor | None = None
+        self.prompt_written = 0
+        self.decoding = False
 
-    def store_prompt(self, key_states: Tensor, value_states: Tensor) -> None:
-        if self.prompt_keys is not None:
-            raise RuntimeError("the shared prompt of this layer was already written; call start_decoding() first")
-        self.prompt_keys, self.prompt_values = key_states, value_states
+    def write_prompt(self, key_states: Tensor, value_states: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
+        """A prefill chunk's K/V [B, Hkv, c, D] into the next c of the P prompt columns (allocated once, so a
+        chunked prefill never copies what it wrote) -> the prompt K/V written so far [B, Hkv, written, D]."""
+        if self.decoding:
+            raise RuntimeError("the shared prompt is complete; decoding has started")
+        start, end = self.prompt_written, self.prompt_written + key_states.shape[-2]
+        if end > prompt_len:
+            raise ValueError(f"the prefill wrote {end} prompt columns, more than the prompt_mask's {prompt_len}")
+        if self.prompt_keys is None:
+            B, H, _, D = key_states.shape
+            self.prompt_keys = key_states.new_empty(B, H, prompt_len, D)
+            self.prompt_values = value_states.new_empty(B, value_states.shape[1], prompt_len, value_states.shape[-1])
+        self.prompt_keys[:, :, start:end] = key_states
+        self.prompt_values[:, :, start:end] = value_states
+        self.prompt_written = end
+        return self.prompt_keys[:, :, :end], self.prompt_values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() if self.decoding else self.prompt_written
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise RuntimeError("a SharedPrefixCache holds each prompt once; it cannot be repeated")
@@ -111,11 +131,10 @@ class SharedPrefixCache(Cache):
             self.layers.append(SharedPrefixLayer())
         layer = self.layers[layer_idx]
         if not self.decoding:
-            if key_states.shape[0] != self.prompt_mask.shape[0] or key_states.shape[-2] != self.prompt_mask.shape[1]:
-                raise ValueError(f"the prefill's keys {tuple(key_states.shape)} do not match the prompt_mask "
-                                 f"{tuple(self.prompt_mask.shape)}")
-            layer.store_prompt(key_states, value_states)
-            return key_states, value_states
+            if key_states.shape[0] != self.prompt_mask.shape[0]:
+                raise ValueError(f"the prefill's keys {tuple(key_states.shape)} do not match the prompt_mask's "
+                                 f"{self.prompt_mask.shape[0]} prompts")
+            return layer.write_prompt(key_states, value_states, self.prompt_mask.shape[1])
         if key_states.shape[0] != self.num_samples:
             raise ValueError(f"a decode step through the shared cache takes its {self.num_samples} samples, "
                              f"got a batch of {key_states.shape[0]}")
@@ -123,9 +142,14 @@ class SharedPrefixCache(Cache):
 
     def start_decoding(self) -> None:
         """End of the prefill: from now on `update` stores the samples' own tokens."""
-        if not self.layers or any(layer.prompt_keys is None for layer in self.layers):
-            raise RuntimeError("start_decoding() before a prefill wrote every layer's prompt")
+        P = self.prompt_mask.shape[1]
+        unwritten = [i for i, layer in enumerate(self.layers) if layer.prompt_written != P]
+        if not self.layers or unwritten:
+            raise RuntimeError(f"start_decoding() before the prefill wrote all {P} prompt columns of every layer "
+                               f"(layers {unwritten or 'none'} incomplete)")
         self.decoding = True
+        for layer in self.layers:
+            layer.decoding = True
         self._note_bytes()
 
     def check_step(self) -> None:

@@ -119,10 +119,11 @@ def _prompts(seed: int):
     return ids, mask
 
 
-def _generate(model, ids, mask, sizes, mode, seed=1, steps=6, temperature=1.0):
+def _generate(model, ids, mask, sizes, mode, seed=1, steps=6, temperature=1.0, prefill_chunk=0):
     torch.manual_seed(0)
     return generate(model, ids, mask, sizes, max_new_tokens=steps, temperature=temperature, top_p=1.0, eos_id=2,
-                    pad_id=0, generator=torch.Generator().manual_seed(seed), cache=mode, keep_logits=True)
+                    pad_id=0, generator=torch.Generator().manual_seed(seed), cache=mode, keep_logits=True,
+                    prefill_chunk=prefill_chunk)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -149,6 +150,42 @@ def test_shared_and_repeated_caches_give_the_same_logits_and_completions_and_mat
             logits = reference(input_ids=seq[None]).logits[0, len(prompt) - 1:]
             ours = torch.stack([step_logits[n] for step_logits in shared.step_logits])
             assert (ours - logits).abs().max().item() <= REFERENCE_ATOL, f"sample {n}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_prefill_in_chunks_gives_the_logits_and_completions_of_one_prefill(family):
+    """Chunks of 1, 2 and 4 columns over prompts of 2, 9 and 5 tokens left-padded to 9: chunks that are all pad for a
+    row, a chunk that splits a prompt, a last chunk narrower than the rest. Both caches; the cache holds the same
+    prompt K/V; float32 next-token logits within MODES_ATOL at every step, identical completions."""
+    torch.manual_seed(0)
+    model = patch_model(FAMILIES[family](), max_length=32)
+    ids, mask = _prompts(1)
+    for mode in ("shared", "repeat"):
+        whole = _generate(model, ids, mask, [2, 3, 1], mode, prefill_chunk=0)
+        for chunk in (1, 2, 4):
+            chunked = _generate(model, ids, mask, [2, 3, 1], mode, prefill_chunk=chunk)
+            assert torch.equal(chunked.completion_ids, whole.completion_ids), (mode, chunk)
+            for step, (a, b) in enumerate(zip(chunked.step_logits, whole.step_logits)):
+                assert (a - b).abs().max().item() <= MODES_ATOL, (mode, chunk, step)
+
+
+def test_the_shared_cache_refuses_a_prefill_longer_than_its_prompt_and_decoding_before_the_prompt_is_whole():
+    mask = torch.ones(2, 5, dtype=torch.long)
+    k = torch.randn(2, 1, 3, 4)
+    cache = SharedPrefixCache(mask, 2)
+    cache.update(k, k, 0)
+    with pytest.raises(RuntimeError, match=r"all 5 prompt columns of every layer \(layers \[0\] incomplete\)"):
+        cache.start_decoding()
+    with pytest.raises(ValueError, match="the prefill wrote 6 prompt columns, more than the prompt_mask's 5"):
+        cache.update(k, k, 0)
+    cache.update(k[:, :, :2], k[:, :, :2], 0)
+    cache.start_decoding()
+    assert torch.equal(cache.layers[0].prompt_keys, torch.cat([k, k[:, :, :2]], 2))
+
+
+def test_a_negative_prefill_chunk_is_refused():
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 0"):
+        _generate(tiny_causal_lm("llama"), *_prompts(0), 2, "shared", prefill_chunk=-1)
 
 
 def test_equal_group_sizes_and_the_same_seed_give_the_same_completions():
@@ -207,6 +244,8 @@ def test_zero3_rollouts_gathering_once_or_per_layer_give_identical_completions(t
                 runs = {(c, g): r[f"{phase}/{c}/{g}/{steps}"]
                         for c in ("shared", "repeat") for g in ("per_layer", "full")}
                 completions = [v["completions"] for v in runs.values()]
+                if steps == 9:  # a prefill in chunks samples what the whole prefill does
+                    completions += [r[f"{phase}/{c}/per_layer/9/chunked"]["completions"] for c in ("shared", "repeat")]
                 assert all(c == completions[0] for c in completions), (r["rank"], phase, steps)
                 assert runs[("shared", "full")]["all_gathers"] == runs[("repeat", "full")]["all_gathers"] == 0
             # per-layer gathering pays collectives at every token; the one-off gather does not

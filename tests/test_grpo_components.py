@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from pg_deepspeed.grpo.advantages import group_advantages
-from pg_deepspeed.grpo.data import FileDataset, KVRetrievalTask, MajorityDigitTask, batch_indices, build_source
+from pg_deepspeed.grpo.args import DataArguments
+from pg_deepspeed.grpo.data import (SFT_OFFSET, Curriculum, FileDataset, KVRetrievalTask, MajorityDigitTask,
+                                    NeedleDigitTask, batch_indices, build_source)
+from pg_deepspeed.grpo.trainer import curriculum_of
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
 from pg_deepspeed import patch_model
@@ -191,6 +194,70 @@ def test_dataset_row_without_prompt_is_named(tmp_path):
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="unknown --task 'sudoku'"):
         build_source("sudoku", None, 100, 0)
+
+
+def test_a_curriculum_doubles_the_prompt_length_in_equal_stages_then_holds_the_final_length():
+    c = Curriculum(start=16, final=100, steps=10)
+    assert c.stages() == [16, 32, 64, 100]  # the last stage is the final length, not the next power of two
+    assert [c.length(s) for s in range(12)] == [16, 16, 16, 32, 32, 64, 64, 64, 100, 100, 100, 100]
+    for start, final, steps in [(0, 10, 5), (10, 10, 5), (4, 10, 0)]:
+        with pytest.raises(ValueError):
+            Curriculum(start, final, steps)
+
+
+def test_curriculum_prompts_follow_their_step_and_the_warm_up_reads_the_first_stage():
+    """Example i belongs to GRPO step i // examples_per_step (batch_indices' numbering, so a resume reads the same
+    prompts); the warm-up's examples (from SFT_OFFSET on) are the first stage's."""
+    curriculum, per_step = Curriculum(start=16, final=256, steps=10), 8
+    source = build_source("needle", None, 256, seed=3, curriculum=curriculum, examples_per_step=per_step)
+    plain = {n: NeedleDigitTask(n, 3) for n in curriculum.stages()}
+    for step in (0, 3, 4, 9, 10, 50):
+        for i in batch_indices(step, 1, 2, 4):
+            assert source.example(i) == plain[curriculum.length(step)].example(i)
+            assert len(source.example(i).prompt) == curriculum.length(step)
+    assert source.example(SFT_OFFSET + 5) == plain[16].example(SFT_OFFSET + 5)
+    assert "curriculum 16/32/64/128/256" in source.name
+
+
+def test_a_curriculum_with_a_dataset_is_refused_by_name(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "answer": 1}\n')
+    with pytest.raises(ValueError, match="--curriculum_start_length grows the built-in tasks' prompts"):
+        build_source("needle", str(path), 100, 0, curriculum=Curriculum(4, 100, 10))
+
+
+@pytest.mark.parametrize("start, dataset, prompt_length, expected", [
+    (None, None, 256, Curriculum(16, 256, 50)),  # the default for the built-in tasks
+    (None, "d.jsonl", 256, None),                # none for a dataset unless asked for
+    (None, None, 16, None),                      # prompts no longer than the default start
+    (0, None, 256, None),                        # turned off
+    (32, None, 256, Curriculum(32, 256, 50)),
+])
+def test_the_curriculum_options_resolve_to(start, dataset, prompt_length, expected):
+    data = DataArguments(prompt_length=prompt_length, dataset=dataset, curriculum_start_length=start)
+    assert curriculum_of(data, max_steps=100) == expected
+
+
+def test_the_warm_up_defaults_to_a_supervised_start_only_when_a_curriculum_runs(monkeypatch):
+    """prepare() resolves an unset --sft_warmup_steps: 60 on the curriculum's first prompts, 0 without one."""
+    from pg_deepspeed.grpo.args import GRPOArguments, ModelArguments, TrainArguments
+    from pg_deepspeed.grpo.trainer import prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    plan = lambda data, **train: prepare(ModelArguments(), data, GRPOArguments(),
+                                         TrainArguments(ds_config="ds_configs/zero3_cpu.json", **train))
+    assert plan(DataArguments()).train.sft_warmup_steps == 60
+    assert plan(DataArguments(curriculum_start_length=0)).train.sft_warmup_steps == 0
+    assert plan(DataArguments(curriculum_start_length=0), sft_warmup_steps=7).train.sft_warmup_steps == 7
+
+
+@pytest.mark.parametrize("start, fraction, message", [
+    (300, 0.5, r"--curriculum_start_length 300 \(--prompt_length 256\): a curriculum must start between 1"),
+    (16, 1.5, r"--curriculum_fraction must be in \(0, 1\], got 1.5"),
+])
+def test_bad_curriculum_options_are_named(start, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        curriculum_of(DataArguments(curriculum_start_length=start, curriculum_fraction=fraction), max_steps=100)
 
 
 # ---------------------------------------------------------------- rollout: stop, pad and mask at EOS

@@ -20,19 +20,23 @@ from pg_deepspeed.tokenizer import build_char_tokenizer
 KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "tokens_per_s", "prefix_tokens_saved",
         "step_time_s", "world_size", "rollout_time_s", "rollout_tokens_per_s", "rollout_peak_mem_bytes",
         "rollout_cache_bytes"}
-TINY = ["--prompt_length", "48", "--num_generations", "4", "--max_new_tokens", "3", "--prompts_per_device", "2"]
+SHAPE = ["--prompt_length", "48", "--num_generations", "4", "--max_new_tokens", "3", "--prompts_per_device", "2"]
+TINY = [*SHAPE, "--curriculum_start_length", "0"]  # prompts of one length, and no warm-up unless asked for
 
 
 @pytest.mark.distributed
 def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
+    """The default curriculum (16 tokens doubling to --prompt_length 48 over half the steps) and one warm-up step."""
     out = tmp_path / "run"
     result = run_deepspeed(
         "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--output_dir", str(out),
-        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", *TINY,
+        "--max_steps", "4", "--save_steps", "2", "--beta", "0.04", "--num_iterations", "2", "--sft_warmup_steps", "1",
+        *SHAPE,
     )
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["prompt_length"] for r in rows] == [17, 33, 49, 49]  # BOS + the curriculum's 16, 32, 48 characters
     assert rows[0]["kl"] == 0.0  # the reference starts as the policy, and the first step's learning rate is 0
     for r in rows:
         assert KEYS <= r.keys()
@@ -91,6 +95,10 @@ def test_unknown_dtype_is_one_line(tmp_path):
 @pytest.mark.parametrize("option, value", [("--rollout_cache", "paged"), ("--rollout_gather", "sometimes")])
 def test_unknown_rollout_modes_are_one_line(tmp_path, option, value):
     assert f"{option} must be one of" in train_fails_with(tmp_path, option, value)
+
+
+def test_a_negative_prefill_chunk_is_one_line(tmp_path):
+    assert "--rollout_prefill_chunk must be >= 0" in train_fails_with(tmp_path, "--rollout_prefill_chunk", "-1")
 
 
 def test_missing_dataset_file_fails_fast(tmp_path):

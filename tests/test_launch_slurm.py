@@ -32,7 +32,8 @@ SAVE_STEPS = 4
 TRAIN_ARGS = [
     "--ds_config", "ds_configs/zero3_cpu.json", "--model", "tiny-qwen2",
     "--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS),
-    "--num_generations", "2", "--prompt_length", "32", "--max_new_tokens", "8", "--no_export",
+    "--num_generations", "2", "--prompt_length", "32", "--curriculum_start_length", "0", "--max_new_tokens", "8",
+    "--no_export",
 ]
 JOB_TIMEOUT_S = 480
 

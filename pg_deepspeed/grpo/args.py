@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_CURRICULUM_START = 16  # tokens: the built-in tasks' first prompts, when no --curriculum_start_length is given
+DEFAULT_SFT_WARMUP_STEPS = 60  # supervised steps on those prompts before GRPO, when a curriculum runs
+
 
 @dataclass
 class ModelArguments:
@@ -28,6 +31,15 @@ class DataArguments:
     )
     prompt_length: int = field(
         default=256, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
+    )
+    curriculum_start_length: int | None = field(
+        default=None,
+        metadata={"help": "Built-in tasks: prompts grow by doubling from this length to --prompt_length over the "
+                  f"first --curriculum_fraction of the steps (unset: {DEFAULT_CURRICULUM_START}; 0 = none; not "
+                  "with --dataset)."},
+    )
+    curriculum_fraction: float = field(
+        default=0.5, metadata={"help": "Share of --max_steps over which the curriculum grows the prompts."}
     )
 
 
@@ -67,6 +79,11 @@ class GRPOArguments:
         metadata={"help": "Decode cache of the rollout: shared (each prompt's K/V once per group, merged by "
                   "log-sum-exp) or repeat (the prompt's K/V repeated to its G samples; for A/B comparisons)."},
     )
+    rollout_prefill_chunk: int = field(
+        default=2048,
+        metadata={"help": "Prompt columns per prefill forward of the rollout: bounds the prefill's activations to one "
+                  "chunk's (0 = the whole prompt in one forward)."},
+    )
     rollout_gather: str = field(
         default="full",
         metadata={"help": "ZeRO-3 rollout weights: full (gathered once per rollout; needs the whole model in memory "
@@ -83,7 +100,7 @@ class GRPOArguments:
 class TrainArguments:
     ds_config: str = field(metadata={"help": "DeepSpeed JSON config (required), e.g. ds_configs/zero3_cpu.json."})
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Metrics, checkpoints, export and plots."})
-    max_steps: int = field(default=120, metadata={"help": "Rollout steps to train."})
+    max_steps: int = field(default=400, metadata={"help": "Rollout steps to train."})
     prompts_per_device: int = field(default=4, metadata={"help": "Prompts (groups) per micro-batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     sequence_parallel_size: int = field(
@@ -91,11 +108,13 @@ class TrainArguments:
         metadata={"help": "Ranks that share each packed micro-batch along the sequence (DeepSpeed Ulysses); the "
                   "data-parallel size is world / this. Must divide the ranks and the attention heads."},
     )
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up optimizer steps before cosine decay."})
-    sft_warmup_steps: int = field(
-        default=0, metadata={"help": "Supervised steps on the task's answers before GRPO (0 = none)."}
+    sft_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Supervised steps on the task's answers before GRPO (0 = none; unset: "
+                  f"{DEFAULT_SFT_WARMUP_STEPS} on the curriculum's first prompts when a curriculum runs, else 0)."},
     )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
     save_total_limit: int = field(

@@ -25,6 +25,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of any rank (all-reduce MAX). Collective: every rank must call it."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_mean(values: list[float]) -> list[float]:
     """The mean over ranks of each value."""
     if not _distributed():

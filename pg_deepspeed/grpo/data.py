@@ -94,6 +94,56 @@ class KVRetrievalTask(SyntheticTask):
 
 
 TASKS = {"needle": NeedleDigitTask, "majority": MajorityDigitTask, "kv_retrieval": KVRetrievalTask}
+SFT_OFFSET = 2**61  # the supervised warm-up's examples are indexed from here, far from the GRPO ones
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Prompt lengths that grow by doubling: `start`, 2·start, ... up to `final`, each stage an equal share of the
+    first `steps` GRPO steps; `final` from then on. The supervised warm-up reads the first stage."""
+
+    start: int
+    final: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start < self.final:
+            raise ValueError(f"a curriculum must start between 1 and the final prompt length {self.final} "
+                             f"(exclusive), got {self.start}")
+        if self.steps < 1:
+            raise ValueError(f"a curriculum needs at least one step to grow over, got {self.steps}")
+
+    def stages(self) -> list[int]:
+        lengths = [self.start]
+        while lengths[-1] < self.final:
+            lengths.append(min(2 * lengths[-1], self.final))
+        return lengths
+
+    def length(self, step: int) -> int:
+        """Prompt length of GRPO step `step` (0-based)."""
+        stages = self.stages()
+        return self.final if step >= self.steps else stages[step * len(stages) // self.steps]
+
+
+class CurriculumTask:
+    """A synthetic task whose prompts follow a :class:`Curriculum`. Example `index` belongs to GRPO step
+    ``index // examples_per_step`` (:func:`batch_indices`'s numbering), and the warm-up's (>= SFT_OFFSET) to step 0,
+    so a resumed run reads exactly what the original would have."""
+
+    def __init__(self, task: type[SyntheticTask], curriculum: Curriculum, seed: int, examples_per_step: int) -> None:
+        self.curriculum, self.examples_per_step = curriculum, examples_per_step
+        self.tasks = {n: task(n, seed) for n in curriculum.stages()}
+        self.final_task = self.tasks[curriculum.final]
+        self.name = f"{self.final_task.name} (curriculum {'/'.join(map(str, curriculum.stages()))})"
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def step_of(self, index: int) -> int:
+        return 0 if index >= SFT_OFFSET else index // self.examples_per_step
+
+    def example(self, index: int) -> Example:
+        return self.tasks[self.curriculum.length(self.step_of(index))].example(index)
 
 
 class FileDataset:
@@ -136,11 +186,19 @@ class FileDataset:
         return Example(self.prompts[row], self.answers[row])
 
 
-def build_source(task: str, dataset: str | None, prompt_length: int, seed: int) -> PromptSource:
+def build_source(task: str, dataset: str | None, prompt_length: int, seed: int,
+                 curriculum: Curriculum | None = None, examples_per_step: int = 1) -> PromptSource:
+    """A file dataset, or a built-in task (whose prompts follow `curriculum` when given: `examples_per_step` is
+    the number of prompts all ranks read per GRPO step)."""
     if dataset is not None:
+        if curriculum is not None:
+            raise ValueError("--curriculum_start_length grows the built-in tasks' prompts; a --dataset's prompts are "
+                             "read as they are (leave it unset or 0)")
         return FileDataset(dataset, seed)
     if task not in TASKS:
         raise ValueError(f"unknown --task {task!r}; built-in tasks: {sorted(TASKS)}")
+    if curriculum is not None:
+        return CurriculumTask(TASKS[task], curriculum, seed, examples_per_step)
     return TASKS[task](prompt_length, seed)
 
 
@@ -170,6 +228,8 @@ def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device) -> tup
 
 def longest_prompt(tokenizer, source: PromptSource, sample: int = 64) -> tuple[int, int]:
     """(length in tokens, index) of the longest prompt: every row of a file, or `sample` synthetic ones."""
+    if isinstance(source, CurriculumTask):
+        source = source.final_task  # the curriculum's longest prompts
     n = len(source) if isinstance(source, FileDataset) else sample
     lengths = [len(prompt_tokens(tokenizer, source.example(i).prompt)) for i in range(n)]
     i = int(np.argmax(lengths))

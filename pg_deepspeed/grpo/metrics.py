@@ -73,7 +73,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_rewards(metrics_path: str, png_path: str) -> None:
-    """reward_mean per step with a ±std band and a moving average."""
+    """reward_mean per step with a ±std band and a moving average, accuracy, and the prompt length (a curriculum's
+    stages) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,14 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     ax.set_ylabel("reward")
     ax.set_title("GRPO reward")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if all("prompt_length" in r for r in rows):
+        lengths = ax.twinx()
+        lengths.plot(steps, [r["prompt_length"] for r in rows], color="grey", linewidth=1, label="prompt tokens")
+        lengths.set_ylabel("prompt tokens (mean)")
+        more = lengths.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,8 @@
 """Sampling G completions per prompt with a prefix-once prefill, and a decode cache that holds each prompt once.
 
-Each prompt is prefilled once. Decoding then runs token by token through one of two caches:
+Each prompt is prefilled once, in chunks of `prefill_chunk` columns so that only one chunk's activations are alive
+at a time (the prompt's K/V is what the cache keeps; the activations of a whole long prompt at once can be larger
+than all of it). Decoding then runs token by token through one of two caches:
 - `cache="shared"` (the default): `cache.SharedPrefixCache` keeps each group's prompt K/V once and each sample's
   generated K/V on its own; decode attention merges the two by log-sum-exp. Needs a patched model (`patch_model`).
 - `cache="repeat"`: transformers' DynamicCache repeated to the G samples (`batch_repeat_interleave(G)`), decoded with
@@ -20,10 +22,11 @@ from torch import Tensor
 
 from ..cache import SharedPrefixCache
 from ..compat import CACHE_KWARG, returned_cache
-from .collective import any_rank
+from .collective import any_rank, max_over_ranks
 
 
 CACHE_MODES = ("shared", "repeat")
+DEFAULT_PREFILL_CHUNK = 2048  # prompt columns per prefill forward: bounds the prefill's activations (0 = whole)
 
 
 @dataclass
@@ -61,21 +64,25 @@ def generate(
     pad_id: int,
     generator: torch.Generator,
     cache: str = "shared",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     keep_logits: bool = False,
 ) -> Rollout:
     """prompt_ids/prompt_mask: [B, Lp] left-padded -> G_b completions of prompt b (num_generations: one G for all or
-    B of them), rows of a group consecutive. cache: "shared" or "repeat" (see the module docstring)."""
+    B of them), rows of a group consecutive. cache: "shared" or "repeat" (see the module docstring).
+    prefill_chunk: prompt columns per prefill forward (0 = the whole prompt in one forward); see `prefill`."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0 = the whole prompt at once), got {prefill_chunk}")
     B = prompt_ids.shape[0]
     sizes = [num_generations] * B if isinstance(num_generations, int) else [int(g) for g in num_generations]
     if len(sizes) != B or min(sizes, default=1) < 1:
         raise ValueError(f"num_generations must be one G >= 1 per prompt ({B} prompts), got {num_generations!r}")
     repeats = torch.tensor(sizes, device=prompt_ids.device)
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    calls = prefill_calls(prompt_ids.shape[1], prefill_chunk)
+    prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask, calls, pad_id)  # a chunk holds >= 1 column
     shared = SharedPrefixCache(prompt_mask, sizes, max_new_tokens) if cache == "shared" else None
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **({CACHE_KWARG: shared} if shared is not None else {}))  # no [B, P, V] logits
+    out = prefill(model, prompt_ids, prompt_mask, calls, shared)
     if shared is not None:
         kv, extra = shared, {"shared_prefix": shared}
         shared.start_decoding()
@@ -118,6 +125,41 @@ def generate(
     mask = (torch.arange(width, device=tokens.device)[None] < length[:, None]).long()
     return Rollout(completion_ids=tokens[:, :width] * mask + pad_id * (1 - mask), completion_mask=mask,
                    cache_bytes=shared.peak_bytes if shared is not None else kv_bytes(kv), step_logits=kept)
+
+
+def prefill_calls(prompt_len: int, chunk: int) -> int:
+    """How many prefill forwards: ceil(P / chunk) here, the most of any rank under torch.distributed. ZeRO-3's
+    per-layer gathering is a collective in every forward, so every rank must make the same number of them."""
+    calls = 1 if chunk == 0 else -(-prompt_len // chunk)
+    return max_over_ranks(calls)
+
+
+def left_pad(prompt_ids: Tensor, prompt_mask: Tensor, width: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """[B, Lp] -> [B, max(Lp, width)], extra pad columns on the left (masked: nothing attends to them)."""
+    extra = width - prompt_ids.shape[1]
+    if extra <= 0:
+        return prompt_ids, prompt_mask
+    return (torch.cat([prompt_ids.new_full((prompt_ids.shape[0], extra), pad_id), prompt_ids], 1),
+            torch.cat([prompt_mask.new_zeros(prompt_mask.shape[0], extra), prompt_mask], 1))
+
+
+def prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, calls: int, shared: SharedPrefixCache | None):
+    """Each prompt once, through `calls` forwards over consecutive column chunks of near-equal width: chunk c's
+    queries attend to the cached columns before it and causally within it (the same attention as one forward), so
+    only one chunk's activations are alive at a time. Returns the last forward's output (the last position's
+    logits only: no [B, P, V] logits), its cache holding the whole prompt (`shared`, or the model's own cache)."""
+    B, P = prompt_ids.shape
+    if calls > P:
+        raise ValueError(f"{calls} prefill chunks for {P} prompt columns (left_pad the prompt first)")
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    kv, out, start = shared, None, 0
+    for c in range(calls):
+        end = start + P // calls + (c < P % calls)
+        out = model(input_ids=prompt_ids[:, start:end], attention_mask=prompt_mask[:, :end],
+                    position_ids=positions[:, start:end], use_cache=True, logits_to_keep=1,
+                    **({CACHE_KWARG: kv} if kv is not None else {}))
+        kv, start = (shared if shared is not None else returned_cache(out)), end
+    return out
 
 
 def kv_bytes(cache) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import deepspeed
@@ -29,16 +29,16 @@ from ..patch import patch_model
 from ..sequence_parallel import check_sequence_parallel_size, gradient_scale
 from ..peak_memory import PeakMemory
 from .advantages import ESTIMATORS, group_advantages
-from .args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
+from .args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments, ModelArguments,
+                   TrainArguments)
 from .collective import all_gather_cat, all_mean, broadcast_from_first
-from .data import PromptSource, batch_indices, build_source, longest_prompt, tokenize_prompts
+from .data import (SFT_OFFSET, Curriculum, PromptSource, batch_indices, build_source, longest_prompt,
+                   tokenize_prompts)
 from .loss import AGGREGATIONS, grpo_loss
 from .metrics import MetricsLogger
 from .preemption import Preempted, PreemptionGuard, node_rank
 from .rewards import compute_rewards, resolve_reward_fn
 from .rollout import CACHE_MODES, generate
-
-SFT_OFFSET = 2**61  # SFT prompts are indexed far from the GRPO ones
 
 
 @dataclass
@@ -97,8 +97,29 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
         raise ValueError(f"--rollout_cache must be one of {CACHE_MODES}, got {grpo.rollout_cache!r}")
     if grpo.rollout_gather not in GATHER_MODES:
         raise ValueError(f"--rollout_gather must be one of {GATHER_MODES}, got {grpo.rollout_gather!r}")
+    if grpo.rollout_prefill_chunk < 0:
+        raise ValueError(f"--rollout_prefill_chunk must be >= 0 (0 = the whole prompt at once), "
+                         f"got {grpo.rollout_prefill_chunk}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
+
+
+def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
+    """The prompt-length curriculum the options ask for. Unset, the built-in tasks grow from
+    DEFAULT_CURRICULUM_START tokens (when --prompt_length is longer) and a --dataset has none; 0 turns it off."""
+    start = data.curriculum_start_length
+    if start is None:
+        if data.dataset is not None or data.prompt_length <= DEFAULT_CURRICULUM_START:
+            return None
+        start = DEFAULT_CURRICULUM_START
+    if start == 0:
+        return None
+    if not 0.0 < data.curriculum_fraction <= 1.0:
+        raise ValueError(f"--curriculum_fraction must be in (0, 1], got {data.curriculum_fraction}")
+    try:
+        return Curriculum(start, data.prompt_length, steps=max(1, round(data.curriculum_fraction * max_steps)))
+    except ValueError as error:
+        raise ValueError(f"--curriculum_start_length {start} (--prompt_length {data.prompt_length}): {error}") from None
 
 
 def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> int:
@@ -176,6 +197,7 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo, train, ste
             guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations,
             max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature, top_p=grpo.top_p,
             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator, cache=grpo.rollout_cache,
+            prefill_chunk=grpo.rollout_prefill_chunk,
         )
     module.train(was_training)
     if train.sequence_parallel_size > 1:
@@ -271,14 +293,20 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
             train: TrainArguments) -> Plan:
     """Every check that needs no process group and no weights. Raises ValueError, TypeError, OSError or
     ImportError naming the culprit; `launch/train.py` prints those as one line."""
+    curriculum = curriculum_of(data_args, train.max_steps)
+    if train.sft_warmup_steps is None:  # unset: a supervised start on the curriculum's shortest prompts
+        train = replace(train, sft_warmup_steps=DEFAULT_SFT_WARMUP_STEPS if curriculum is not None else 0)
     check_args(model_args, data_args, grpo, train)
     tokenizer = load_tokenizer(model_args.model)
     config = load_config(model_args.model)
-    source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed)
-    max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
-    check_patchable(config, max_length)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel_size(train.sequence_parallel_size, world, config, option="--sequence_parallel_size")
+    replicas = world // train.sequence_parallel_size
+    source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed,
+                          curriculum,
+                          examples_per_step=replicas * train.prompts_per_device * train.gradient_accumulation_steps)
+    max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
+    check_patchable(config, max_length)
     reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
@@ -381,15 +409,15 @@ def run(plan: Plan) -> None:
         tokens = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
         rollout_tokens_per_s = generated / t_rollout
-        (loss, kl, clip_frac, skipped, tokens, completion_len, elapsed, t_rollout, rollout_tokens_per_s, peak,
-         kv) = all_mean(
+        (loss, kl, clip_frac, skipped, tokens, prompt_len, completion_len, elapsed, t_rollout, rollout_tokens_per_s,
+         peak, kv) = all_mean(
             [stats["loss"], stats["kl"], stats["clip_frac"], skipped, tokens,
-             float(batch.completion_mask.sum(1).float().mean()), elapsed, t_rollout, rollout_tokens_per_s,
-             float(rollout_peak.bytes), float(batch.cache_bytes)])
+             float(batch.prompt_mask.sum(1).float().mean()), float(batch.completion_mask.sum(1).float().mean()),
+             elapsed, t_rollout, rollout_tokens_per_s, float(rollout_peak.bytes), float(batch.cache_bytes)])
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
-            "completion_length": completion_len, "tokens_per_s": tokens * replicas / elapsed,
+            "prompt_length": prompt_len, "completion_length": completion_len, "tokens_per_s": tokens * replicas / elapsed,
             "prefix_tokens_saved": int(skipped * replicas * logprob_passes),
             "step_time_s": elapsed, "rollout_time_s": t_rollout,
             # generated tokens per second of rollout, all replicas; per-rank means of the rollout's peak memory

@@ -5,7 +5,8 @@
 A tiny Qwen2 policy built sharded (zero.Init) samples the same prompts with the same seed under
 `--rollout_gather per_layer` and `full`, with the shared and the repeated cache, then takes one optimizer step and
 samples again in both modes (the ZeRO-3 hooks must work again after a gathered rollout). Each rank has its own
-prompts, so the ranks finish at different tokens. It counts the all-gathers that torch.distributed sees during
+prompts, so the ranks finish at different tokens; their prompt widths differ too, so a chunked prefill under
+per-layer gathering (a collective per forward) must agree on one number of chunks. It counts the all-gathers that torch.distributed sees during
 each rollout's decode loop (after the context's own gather), at two completion lengths.
 """
 import argparse
@@ -43,20 +44,22 @@ MODEL, SEED = "tiny-qwen2", 4321
 
 
 def prompts(rank: int):
+    """Rank 0: two prompts left-padded to 8 columns; rank 1: to 5 (so a chunked prefill makes 3 and 2 chunks)."""
     g = torch.Generator().manual_seed(SEED + rank)
-    lengths = [[3, 8], [6, 5]][rank]
-    ids = torch.randint(4, 60, (2, 8), generator=g)
-    mask = (torch.arange(8) >= 8 - torch.tensor(lengths)[:, None]).long()
+    width, lengths = [(8, [3, 8]), (5, [5, 2])][rank]
+    ids = torch.randint(4, 60, (2, width), generator=g)
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
     return ids, mask
 
 
-def rollout(engine, gather: str, cache: str, steps: int, rank: int) -> tuple[list, int]:
+def rollout(engine, gather: str, cache: str, steps: int, rank: int, prefill_chunk: int = 0) -> tuple[list, int]:
     ids, mask = prompts(rank)
     engine.module.eval()
     with gathered_for_generation(engine, gather):
         COUNTS["all_gather"] = 0  # those of the decode loop only (entering "full" gathers the model once)
         out = generate(engine.module, ids, mask, 3, max_new_tokens=steps, temperature=1.0, top_p=1.0, eos_id=-1,
-                       pad_id=0, generator=torch.Generator().manual_seed(SEED + 7 * rank), cache=cache)
+                       pad_id=0, generator=torch.Generator().manual_seed(SEED + 7 * rank), cache=cache,
+                       prefill_chunk=prefill_chunk)
     engine.module.train()
     return out.completion_ids.tolist(), COUNTS["all_gather"]
 
@@ -88,6 +91,9 @@ def main() -> None:
                 for steps in (3, 9):
                     completions, gathers = rollout(engine, gather, cache, steps, rank)
                     result[f"{phase}/{cache}/{gather}/{steps}"] = {"completions": completions, "all_gathers": gathers}
+            # a chunked prefill: 3 columns per forward, so the ranks prefill in 3 and 2 chunks unless they agree
+            completions, _ = rollout(engine, "per_layer", cache, 9, rank, prefill_chunk=3)
+            result[f"{phase}/{cache}/per_layer/9/chunked"] = {"completions": completions}
         result[f"{phase}/partitioned_after"] = all(
             p.ds_status.name == "NOT_AVAILABLE" or getattr(p, "ds_persist", False)
             for p in engine.module.parameters())

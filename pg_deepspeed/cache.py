@@ -18,11 +18,12 @@ aligned). With a = the prompt pass and b = the generated pass, O = e^(L_a−L)·
 How it plugs into transformers (5.23 and 5.24): an attention module calls `cache.update(k, v, layer_idx, ...)`
 and hands what it gets back to the attention function. During the prefill `update` stores the prompt's K/V and
 returns the prompt written so far, and the model's own attention runs with the prompt mask; a prefill may come in
-chunks of columns (`rollout.generate(prefill_chunk=...)`), each attending to the columns before it. After `start_decoding()`, `update` stores
-the sample's new K/V and returns the sample's generated K/V only; the forward must be given `shared_prefix=cache`,
-which the "prefix_grouper" attention function (`patch.py`) routes to `attend`, where the group's prompt part is
-fetched by `module.layer_idx` and merged. So the model must be patched (`patch_model`); `check_step()` after each
-decode forward raises if a layer attended without the cache (an unpatched model would drop the prompt silently).
+chunks of columns (`rollout.generate(prefill_chunk=...)`), each attending to the columns before it. After
+`start_decoding()`, `update` stores the sample's new K/V and returns the sample's generated K/V only; the forward
+must be given `shared_prefix=cache`, which the "prefix_grouper" attention function (`patch.py`) routes to `attend`,
+where the group's prompt part is fetched by `module.layer_idx` and merged. So the model must be patched
+(`patch_model`); `check_step()` after each decode forward raises if a layer attended without the cache (an unpatched
+model would drop the prompt silently).
 
 Served exactly: left-padded prompts of different lengths, groups of different G, GQA, the module's `scaling`,
 attention sinks (`s_aux`). Refused by name: sliding or chunked windows that a prompt + completion would exceed

@@ -59,12 +59,13 @@ def _head_chunk(
 ) -> tuple[Tensor, Tensor]:
     """hidden: [C, H], targets: [C] -> (log-prob of each target [C], entropy [C] or empty) in float32."""
     logits = transform(lm_head(hidden).float())
-    log_z = torch.logsumexp(logits, -1)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z
+    # log_softmax is one fused kernel each way; logsumexp then gather is several passes over [C, V] each way (and
+    # its backward adds two [C, V] gradients): 1.4x slower for a 512 x 32000 chunk's forward + backward on CPU
+    log_probs = torch.log_softmax(logits, -1)
+    logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
     if not with_entropy:
         return logps, logps.new_empty(0)
-    probs = torch.softmax(logits, -1)
-    return logps, log_z - (probs * logits).sum(-1)
+    return logps, -(log_probs.exp() * log_probs).sum(-1)
 
 
 def chunked_head_logprobs(

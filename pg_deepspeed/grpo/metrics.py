@@ -106,7 +106,7 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
         lengths.set_ylabel("prompt tokens (mean)")
         more = lengths.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
+    ax.legend(handles, labels, loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

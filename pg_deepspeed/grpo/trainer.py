@@ -417,7 +417,8 @@ def run(plan: Plan) -> None:
         logger.log({
             "step": step, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             "accuracy": (all_rewards == 1.0).float().mean().item(), "loss": loss, "kl": kl, "clip_frac": clip_frac,
-            "prompt_length": prompt_len, "completion_length": completion_len, "tokens_per_s": tokens * replicas / elapsed,
+            "prompt_length": prompt_len, "completion_length": completion_len,
+            "tokens_per_s": tokens * replicas / elapsed,
             "prefix_tokens_saved": int(skipped * replicas * logprob_passes),
             "step_time_s": elapsed, "rollout_time_s": t_rollout,
             # generated tokens per second of rollout, all replicas; per-rank means of the rollout's peak memory

@@ -6,8 +6,8 @@ A tiny Qwen2 policy built sharded (zero.Init) samples the same prompts with the 
 `--rollout_gather per_layer` and `full`, with the shared and the repeated cache, then takes one optimizer step and
 samples again in both modes (the ZeRO-3 hooks must work again after a gathered rollout). Each rank has its own
 prompts, so the ranks finish at different tokens; their prompt widths differ too, so a chunked prefill under
-per-layer gathering (a collective per forward) must agree on one number of chunks. It counts the all-gathers that torch.distributed sees during
-each rollout's decode loop (after the context's own gather), at two completion lengths.
+per-layer gathering (a collective per forward) must agree on one number of chunks. It counts the all-gathers that
+torch.distributed sees during each rollout's decode loop (after the context's own gather), at two completion lengths.
 """
 import argparse
 import json

@@ -8,7 +8,7 @@
 Variants, on the same random weights and prompts (B prompts of exactly P tokens, no EOS: every sample makes T):
   shared  `grpo.rollout.generate(cache="shared")`: each prompt's K/V once per group (pg_deepspeed/cache.py)
   repeat  `grpo.rollout.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
-  (both prefill in chunks of --prefill-chunk columns, 2048 by default, as the trainer does)
+  (both prefill in chunks of --prefill-chunk tokens across the B prompts, 2048 by default, as the trainer does)
   stock   `model.generate(num_return_sequences=G, do_sample=True)` on the unpatched model (it prefills each prompt G
           times: the expansion happens before the prefill)
 Each (variant, B) runs in a fresh subprocess, one after another: a small warm-up pass (P 16, T 2: lazy imports and
@@ -199,7 +199,7 @@ def header(args: argparse.Namespace) -> str:
         "# Rollout: prefill + G sampled completions per prompt",
         f"device: {where}; dtype {args.dtype}; shape {args.shape} {get_shape(args.shape)}",
         f"torch {torch.__version__}; P {args.prompt_len}, G {args.group_size}, T {args.new_tokens} new tokens; "
-        f"prefill chunk {args.prefill_chunk or 'whole'} (shared, repeat); "
+        f"prefill chunk {args.prefill_chunk or 'whole'} tokens (shared, repeat); "
         f"median of {args.repeats} after a memory pass; load average " + "/".join(f"{x:.2f}" for x in os.getloadavg()),
         f"peak memory: {PeakMemory.method(device)} (the first pass of a fresh process per variant)",
         f"command: python -m benchmarks.bench_rollout {' '.join(sys.argv[1:])}",
@@ -220,7 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                   help="shared/repeat: prompt columns per prefill forward (0 = whole); stock prefills whole")
+                   help="shared/repeat: prompt tokens per prefill forward, B prompts together (0 = whole); "
+                   "stock prefills whole")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"))
     p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)

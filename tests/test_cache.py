@@ -154,15 +154,15 @@ def test_shared_and_repeated_caches_give_the_same_logits_and_completions_and_mat
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_prefill_in_chunks_gives_the_logits_and_completions_of_one_prefill(family):
-    """Chunks of 1, 2 and 4 columns over prompts of 2, 9 and 5 tokens left-padded to 9: chunks that are all pad for a
-    row, a chunk that splits a prompt, a last chunk narrower than the rest. Both caches; the cache holds the same
-    prompt K/V; float32 next-token logits within MODES_ATOL at every step, identical completions."""
+    """Chunks of 3, 6 and 12 tokens over 3 prompts (1, 2 and 4 columns each) of 2, 9 and 5 tokens left-padded to 9:
+    chunks that are all pad for a row, a chunk that splits a prompt, a last chunk narrower than the rest. Both caches;
+    float32 next-token logits within MODES_ATOL of one prefill at every step, identical completions."""
     torch.manual_seed(0)
     model = patch_model(FAMILIES[family](), max_length=32)
     ids, mask = _prompts(1)
     for mode in ("shared", "repeat"):
         whole = _generate(model, ids, mask, [2, 3, 1], mode, prefill_chunk=0)
-        for chunk in (1, 2, 4):
+        for chunk in (3, 6, 12):
             chunked = _generate(model, ids, mask, [2, 3, 1], mode, prefill_chunk=chunk)
             assert torch.equal(chunked.completion_ids, whole.completion_ids), (mode, chunk)
             for step, (a, b) in enumerate(zip(chunked.step_logits, whole.step_logits)):

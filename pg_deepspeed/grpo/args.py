@@ -81,8 +81,9 @@ class GRPOArguments:
     )
     rollout_prefill_chunk: int = field(
         default=2048,
-        metadata={"help": "Prompt columns per prefill forward of the rollout: bounds the prefill's activations to one "
-                  "chunk's (0 = the whole prompt in one forward)."},
+        metadata={"help": "Prompt tokens per prefill forward of the rollout, the micro-batch's prompts together "
+                  "(each forward takes this // prompts columns of every prompt): bounds the prefill's activations and "
+                  "attention mask to one chunk's (0 = the whole prompt in one forward)."},
     )
     rollout_gather: str = field(
         default="full",

@@ -1,8 +1,9 @@
 """Sampling G completions per prompt with a prefix-once prefill, and a decode cache that holds each prompt once.
 
-Each prompt is prefilled once, in chunks of `prefill_chunk` columns so that only one chunk's activations are alive
-at a time (the prompt's K/V is what the cache keeps; the activations of a whole long prompt at once can be larger
-than all of it). Decoding then runs token by token through one of two caches:
+Each prompt is prefilled once, in chunks of about `prefill_chunk` tokens per forward (across the batch's prompts) so
+that only one chunk's activations and attention mask are alive at a time (the prompt's K/V is what the cache keeps;
+the activations of a whole long prompt at once can be larger than all of it). Decoding then runs token by token
+through one of two caches:
 - `cache="shared"` (the default): `cache.SharedPrefixCache` keeps each group's prompt K/V once and each sample's
   generated K/V on its own; decode attention merges the two by log-sum-exp. Needs a patched model (`patch_model`).
 - `cache="repeat"`: transformers' DynamicCache repeated to the G samples (`batch_repeat_interleave(G)`), decoded with
@@ -26,7 +27,7 @@ from .collective import any_rank, max_over_ranks
 
 
 CACHE_MODES = ("shared", "repeat")
-DEFAULT_PREFILL_CHUNK = 2048  # prompt columns per prefill forward: bounds the prefill's activations (0 = whole)
+DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds the prefill's activations (0 = whole)
 
 
 @dataclass
@@ -69,7 +70,8 @@ def generate(
 ) -> Rollout:
     """prompt_ids/prompt_mask: [B, Lp] left-padded -> G_b completions of prompt b (num_generations: one G for all or
     B of them), rows of a group consecutive. cache: "shared" or "repeat" (see the module docstring).
-    prefill_chunk: prompt columns per prefill forward (0 = the whole prompt in one forward); see `prefill`."""
+    prefill_chunk: prompt tokens per prefill forward, all B prompts together: each forward takes
+        max(1, prefill_chunk // B) columns (0 = the whole prompt in one forward); see `prefill`."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if prefill_chunk < 0:
@@ -79,7 +81,7 @@ def generate(
     if len(sizes) != B or min(sizes, default=1) < 1:
         raise ValueError(f"num_generations must be one G >= 1 per prompt ({B} prompts), got {num_generations!r}")
     repeats = torch.tensor(sizes, device=prompt_ids.device)
-    calls = prefill_calls(prompt_ids.shape[1], prefill_chunk)
+    calls = prefill_calls(prompt_ids.shape[1], prefill_chunk and max(1, prefill_chunk // B))
     prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask, calls, pad_id)  # a chunk holds >= 1 column
     shared = SharedPrefixCache(prompt_mask, sizes, max_new_tokens) if cache == "shared" else None
     out = prefill(model, prompt_ids, prompt_mask, calls, shared)
@@ -128,8 +130,9 @@ def generate(
 
 
 def prefill_calls(prompt_len: int, chunk: int) -> int:
-    """How many prefill forwards: ceil(P / chunk) here, the most of any rank under torch.distributed. ZeRO-3's
-    per-layer gathering is a collective in every forward, so every rank must make the same number of them."""
+    """How many prefill forwards of `chunk` columns (0 = all): ceil(P / chunk) here, the most of any rank under
+    torch.distributed. ZeRO-3's per-layer gathering is a collective in every forward, so every rank must make the same
+    number of them."""
     calls = 1 if chunk == 0 else -(-prompt_len // chunk)
     return max_over_ranks(calls)
 

@@ -91,8 +91,9 @@ def main() -> None:
                 for steps in (3, 9):
                     completions, gathers = rollout(engine, gather, cache, steps, rank)
                     result[f"{phase}/{cache}/{gather}/{steps}"] = {"completions": completions, "all_gathers": gathers}
-            # a chunked prefill: 3 columns per forward, so the ranks prefill in 3 and 2 chunks unless they agree
-            completions, _ = rollout(engine, "per_layer", cache, 9, rank, prefill_chunk=3)
+            # a chunked prefill: 6 tokens per forward (3 columns of 2 prompts), so the ranks prefill in 3 and 2 chunks
+            # unless they agree
+            completions, _ = rollout(engine, "per_layer", cache, 9, rank, prefill_chunk=6)
             result[f"{phase}/{cache}/per_layer/9/chunked"] = {"completions": completions}
         result[f"{phase}/partitioned_after"] = all(
             p.ds_status.name == "NOT_AVAILABLE" or getattr(p, "ds_persist", False)

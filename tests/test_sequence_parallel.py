@@ -89,7 +89,11 @@ def test_a_run_depends_on_its_data_parallel_size_only(trajectories, run):
     weights = load_file(root / run / "export" / "model.safetensors")
     assert weights.keys() == expected.keys()
     for name, value in expected.items():
-        assert rel_err(weights[name], value) <= 1e-4, name
+        # A key bias adds q·b to every score of a query, which softmax ignores except through the rotary rotation:
+        # its gradient is tiny, where Adam's m / (sqrt(v) + eps) is most sensitive to rounding (the standard and the
+        # grouped forward round differently). Measured 1.4e-4 once; a wrong gradient is off by O(1).
+        tolerance = 1e-3 if name.endswith("k_proj.bias") else 1e-4
+        assert rel_err(weights[name], value) <= tolerance, name
 
 
 @pytest.mark.distributed

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .launcher import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,15 +114,12 @@ def launch(preset: Preset, prompt: int, sp: int, out: Path) -> list[dict]:
     runs under the same ZeRO-3 sharding); each rank's {peak_mib, activation_mib, seconds}."""
     ranks = max(preset.sizes)
     result = out / f"sp{sp}_p{prompt}.json"
-    with socket.socket() as sock:  # a free port: other launches may run beside this one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # other launches may run beside this one
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "benchmarks.bench_sequence_parallel", "--worker", preset.shape, preset.dtype,
            str(prompt), str(preset.completion), str(preset.group_size), str(sp), str(result)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # DeepSpeed's CPU ranks leave
-        buffer.unlink(missing_ok=True)                                               # them (66 MB each)
+    remove_shm_buffers(port)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(run.stdout + run.stderr)[-4000:]}")
     return json.loads(result.read_text())

@@ -1,6 +1,5 @@
 """Shared fixtures and helpers: the repository root, and a two-rank run through the real ``deepspeed`` launcher."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -8,16 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.launcher import free_port, remove_shm_buffers
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 DEEPSPEED_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, so parallel launcher runs do not share the default 29500."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_deepspeed(script: str, *args: str, num_gpus: int = 2, timeout: float = DEEPSPEED_TIMEOUT_S,
@@ -40,14 +34,6 @@ def run_deepspeed(script: str, *args: str, num_gpus: int = 2, timeout: float = D
     finally:
         remove_shm_buffers(port)
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, None)
-
-
-def remove_shm_buffers(port: int | str = "*") -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU ranks leave in /dev/shm (deepspeed 0.19.8 never
-    unlinks them: about 66 MB per rank and master port, so a session of launches on free ports fills /dev/shm,
-    which is RAM)."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -302,8 +302,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel_size(train.sequence_parallel_size, world, config, option="--sequence_parallel_size")
     replicas = world // train.sequence_parallel_size
-    source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed,
-                          curriculum,
+    source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed, curriculum,
                           examples_per_step=replicas * train.prompts_per_device * train.gradient_accumulation_steps)
     max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
     check_patchable(config, max_length)

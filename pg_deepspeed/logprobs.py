@@ -85,22 +85,24 @@ def chunked_head_logprobs(
     chunk is checkpointed and recomputed). `lm_head` is called as a module, never read as a
     weight, so ZeRO-3 gathers it through its hooks.
 
-    num_calls: call the head exactly this many times (>= ceil(R / chunk_size)), so that the ranks of a
-        sequence-parallel group, which hold different numbers of rows, make the same ZeRO-3 gathers in forward
-        and backward. A call with no rows runs on `spare` ([1, H], a row of the same graph) and enters the
-        result times zero.
+    num_calls: call the head exactly this many times (>= ceil(R / chunk_size)): the chunks above, then idle calls
+        on `spare` ([1, H], a row of the same graph) that enter the result times zero. Under ZeRO-3 every head call is
+        a collective (its weight is gathered in forward and in backward), so ranks holding different numbers of rows
+        must make the same number of calls (`equal_head_calls`). The chunks themselves never depend on the other
+        ranks: a row's log-prob is the same whatever they hold.
     """
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
     )
     R = hidden.shape[0]
     bounds = list(range(0, R, chunk_size)) + [R]
+    chunks = list(zip(bounds[:-1], bounds[1:]))
     if num_calls is not None:
-        if num_calls < len(bounds) - 1 or spare is None:
+        if num_calls < len(chunks) or spare is None:
             raise ValueError(f"num_calls={num_calls} cannot cover {R} rows in chunks of {chunk_size} (or no spare)")
-        bounds = torch.linspace(0, R, num_calls + 1).round().long().tolist()
+        chunks += [(R, R)] * (num_calls - len(chunks))
     logps, entropies, idle = [], [], hidden.new_zeros((), dtype=torch.float32)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in chunks:
         rows, labels = (hidden[start:stop], targets[start:stop]) if stop > start else (spare, targets.new_zeros(1))
         args = (lm_head, rows, labels, transform, with_entropy)
         lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if needs_grad else _head_chunk(*args)
@@ -110,9 +112,9 @@ def chunked_head_logprobs(
         logps.append(lp)
         entropies.append(ent)
     empty = hidden.new_zeros(0, dtype=torch.float32)
-    logps = torch.cat(logps) if logps else empty
-    if num_calls is not None:  # the idle calls stay in the graph, so their backward (and ZeRO-3's hooks) runs too
-        logps = logps + idle
+    # the idle calls stay in the graph (also when this rank holds no row), so their backward and its ZeRO-3 gathers
+    # run too
+    logps = torch.cat(logps) + idle if logps else idle.expand(0)
     if not with_entropy:
         return logps, None
     return logps, (torch.cat(entropies) if entropies else empty)
@@ -177,11 +179,13 @@ def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, 
     transform = LogitTransform.from_config(hf.config.get_text_config(), temperature)
     sp = sequence_parallel_of(hf)
     _begin_engine_forward(model)
+    head = hf.get_output_embeddings()
     if sp is None:
         out = _decoder(hf)(input_ids=ids[None], position_ids=layout.position_ids[None], prefix_layout=layout,
                            use_cache=False)
-        return chunked_head_logprobs(hf.get_output_embeddings(), out[0][0][predecessor], ids[targets], transform,
-                                     chunk_size, return_entropy)
+        hidden = out[0][0]  # [T, H]
+        return chunked_head_logprobs(head, hidden[predecessor], ids[targets], transform, chunk_size, return_entropy,
+                                     **equal_head_calls(head, int(predecessor.shape[0]), chunk_size, hidden))
     _check_engine_sequence_parallel(model, sp)
     padded = pad_layout(layout, sp.size)
     shard = SequenceShard(sp.rank, sp.size, padded.num_tokens)
@@ -190,12 +194,31 @@ def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, 
                        prefix_layout=padded, sequence_shard=shard, use_cache=False)
     hidden = out[0][0]  # [L, H]
     mine = (predecessor >= shard.start) & (predecessor < shard.stop)
-    calls = torch.tensor([max(1, -(-int(mine.sum()) // chunk_size))], device=ids.device)
-    torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX, group=sp.group)
-    logps, entropies = chunked_head_logprobs(hf.get_output_embeddings(), hidden[predecessor[mine] - shard.start],
-                                             ids[targets[mine]], transform, chunk_size, return_entropy,
-                                             num_calls=int(calls), spare=hidden[:1])
+    logps, entropies = chunked_head_logprobs(head, hidden[predecessor[mine] - shard.start], ids[targets[mine]],
+                                             transform, chunk_size, return_entropy,
+                                             **equal_head_calls(head, int(mine.sum()), chunk_size, hidden, sp.group))
     return gather_shards(logps, mine, sp), (gather_shards(entropies, mine, sp) if return_entropy else None)
+
+
+def equal_head_calls(head: nn.Module, rows: int, chunk_size: int, hidden: Tensor, group=None) -> dict:
+    """`chunked_head_logprobs`' `num_calls` and `spare` when its calls are collectives, else {} (no idle call).
+
+    The head's calls are collectives when ZeRO-3 partitions its weight (gathered over `ds_process_group` at each
+    call, forward and backward) or under sequence parallelism (`group`). The ranks of that group then agree on the
+    most calls any of them needs: ranks whose micro-batches hold different numbers of completion tokens (say 500
+    and 600 in chunks of 512) would otherwise gather the head a different number of times and their collectives
+    stop matching (gloo aborts with "Is there a distributed collective mismatch"; NCCL can hang). One all-reduce
+    of an int per pass. Duck-typed (`ds_process_group`): this layer imports no DeepSpeed.
+    """
+    zero3 = [getattr(p, "ds_process_group", None) for p in head.parameters() if hasattr(p, "ds_numel")]
+    if zero3:
+        group = zero3[0]
+    elif group is None:
+        return {}
+    calls = torch.tensor([max(1, -(-rows // chunk_size))], dtype=torch.int64,
+                         device="cpu" if torch.distributed.get_backend(group) == "gloo" else hidden.device)
+    torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX, group=group)
+    return {"num_calls": int(calls), "spare": hidden[:1]}
 
 
 def _check_engine_sequence_parallel(model: nn.Module, sp: SequenceParallel) -> None:

@@ -1,6 +1,7 @@
 """launch/train.py end to end: two-rank runs through the real deepspeed launcher (a short run; a run killed in the
 middle of a save, then resumed), and refusals that print one line."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -160,6 +161,34 @@ def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_s
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_ranks_whose_completions_need_different_head_calls_train_under_the_shipped_zero3_config(tmp_path):
+    """Issue 23 item 1: under ds_configs/zero3_cpu.json each LM-head call is a ZeRO-3 gather, so ranks whose
+    micro-batches hold different numbers of completion tokens used to call the head a different number of times and
+    abort at step 1 ("Is there a distributed collective mismatch"). Two rows, one prompt per rank: each epoch's
+    shuffle gives the ranks different rows, so the warm-up's answers (1 and 40 characters + EOS) need 1 and 11 head
+    calls of 4 rows; the GRPO steps sample up to 40 tokens; --beta and --num_iterations add the reference and
+    old-policy passes."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "2+5=", "answer": "7"}) + "\n"
+                    + json.dumps({"prompt": "Spell forty:", "answer": "f-o-r-t-y " * 4}) + "\n")
+    out = tmp_path / "run"
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--dataset", str(data),
+        "--reward_fn", "exact_match", "--output_dir", str(out), "--max_steps", "2", "--num_generations", "2",
+        "--max_new_tokens", "40", "--prompts_per_device", "1", "--sft_warmup_steps", "2", "--beta", "0.04",
+        "--num_iterations", "2", "--logprob_chunk_size", "4", "--no_export",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_logprob_chunk_below_one_is_one_line(tmp_path):
+    assert "--logprob_chunk_size must be >= 1, got 0" in train_fails_with(tmp_path, "--logprob_chunk_size", "0")
 
 
 # ------------------------------------------------------------------------------ a kill in the middle of a save

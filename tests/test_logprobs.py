@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
+from conftest import run_deepspeed
 from pg_deepspeed import completion_logprobs, patch_model
 from pg_deepspeed.packing import common_prefix_length
 from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss
@@ -262,3 +264,18 @@ def test_a_preamble_the_prompts_do_not_share_is_refused():
         completion_logprobs(model, prompt_ids, prompt_mask, *rest, preamble=3)
     with pytest.raises(ValueError, match=r"preamble of 99 tokens does not fit the prompts"):
         completion_logprobs(model, prompt_ids, prompt_mask, *rest, preamble=99)
+
+
+@pytest.mark.distributed
+def test_every_pass_makes_the_same_head_calls_on_zero3_ranks_whose_completions_differ(tmp_path):
+    """tests/dist/equal_head_calls.py: ranks needing 6 and 1 LM-head calls (chunks of 8 rows) under the shipped
+    zero3_cpu.json run the policy (with entropies, backward and step), old, reference and G = 1 passes without a
+    collective mismatch, each within 1e-5 of the naive padded forward."""
+    run = run_deepspeed("tests/dist/equal_head_calls.py", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["head_calls"] for r in ranks] == [6, 1] and all(r["head_partitioned"] for r in ranks)
+    for r in ranks:
+        for name in ("policy_error", "entropy_error", "old_error", "reference_error", "warmup_g1_error"):
+            assert r[name] < 1e-5, (name, r)
+        assert r["weights_moved_and_finite"]

@@ -90,6 +90,11 @@ class GRPOArguments:
         metadata={"help": "ZeRO-3 rollout weights: full (gathered once per rollout; needs the whole model in memory "
                   "on every rank) or per_layer (ZeRO-3's per-layer gathering at every token)."},
     )
+    logprob_chunk_size: int = field(
+        default=512,
+        metadata={"help": "Completion tokens whose [tokens, vocabulary] logits the LM head computes at once in every "
+                  "log-prob pass (policy, old, reference, warm-up): bounds that pass's logits memory."},
+    )
     min_shared_preamble: int = field(
         default=32,
         metadata={"help": "Share the tokens every prompt of a micro-batch begins with (a system prompt, few-shot "

@@ -100,6 +100,8 @@ def check_args(model: ModelArguments, data: DataArguments, grpo: GRPOArguments, 
     if grpo.rollout_prefill_chunk < 0:
         raise ValueError(f"--rollout_prefill_chunk must be >= 0 (0 = the whole prompt at once), "
                          f"got {grpo.rollout_prefill_chunk}")
+    if grpo.logprob_chunk_size < 1:
+        raise ValueError(f"--logprob_chunk_size must be >= 1, got {grpo.logprob_chunk_size}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
 
@@ -148,7 +150,7 @@ def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
     return completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
         temperature=grpo.temperature, prefix_grouping=not grpo.no_prefix_grouping,
-        preamble=shared_preamble(batch, grpo),
+        preamble=shared_preamble(batch, grpo), chunk_size=grpo.logprob_chunk_size,
     )
 
 
@@ -243,8 +245,8 @@ def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> 
     return {k: v / count for k, v in totals.items()}
 
 
-def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, replica: int, replicas: int,
-               device: torch.device, first: int, stop: Callable[[], bool]) -> int:
+def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, replica: int,
+               replicas: int, device: torch.device, first: int, stop: Callable[[], bool]) -> int:
     """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
 
     Polls ``stop()`` after each step; returns the number of warm-up steps done (all of them unless stopped)."""
@@ -261,7 +263,8 @@ def sft_warmup(policy, tokenizer, source: PromptSource, train: TrainArguments, r
             mask = torch.zeros_like(ids)
             for r, a in enumerate(answers):
                 ids[r, : len(a)], mask[r, : len(a)] = torch.tensor(a, device=device), 1
-            logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1)
+            logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1,
+                                        chunk_size=grpo.logprob_chunk_size)
             policy.backward(-(logps * mask).sum() / mask.sum())
             policy.step()
         if stop():
@@ -379,7 +382,7 @@ def run(plan: Plan) -> None:
         guard.requeue()
 
     if sft_done < train.sft_warmup_steps:
-        sft_done = sft_warmup(policy, tokenizer, source, train, replica, replicas, device, sft_done,
+        sft_done = sft_warmup(policy, tokenizer, source, grpo, train, replica, replicas, device, sft_done,
                               guard.stop_requested)
         if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
             return stop(0, sft_done if sft_done < train.sft_warmup_steps else None)

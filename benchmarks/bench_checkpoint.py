@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 benchmarks/bench_checkpoint.py --hidden 1024 --layers 8 --out /tmp/ckpt --repeats 3
 
 Builds a Qwen2-shaped model with random weights (vocab 32000) as the trainer's policy (`build_model`, `init_policy`,
-AdamW), makes one optimizer step so every optimizer state exists, then times `pg_deepspeed.checkpoint.
+AdamW), makes one optimizer step so every optimizer state exists, then times `pg_deepspeed.distributed.checkpoint.
 save_checkpoint` (DeepSpeed's shards, RNG files, barrier, fsync, complete.json, pointer) `--repeats` times.
 Rank 0 prints parameters, checkpoint bytes, the median seconds and the write rate; the lead time to ask for is
 at least one step plus the save, with room for the slowest node.
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from transformers import Qwen2Config
 
 from pg_deepspeed import build
-from pg_deepspeed.checkpoint import save_checkpoint
-from pg_deepspeed.ds_config import load_ds_config
+from pg_deepspeed.distributed.checkpoint import save_checkpoint
+from pg_deepspeed.distributed.ds_config import load_ds_config
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ Variant = Callable[[Batch], Tensor]
 def build_variants(shape: ModelShape, dtype: torch.dtype, device: torch.device, names: tuple[str, ...]):
     """name -> (model, fn(batch) -> log-probs [N, S]); every model is built from the same seed, so same weights."""
     import pg_deepspeed
-    from pg_deepspeed.logprobs import completion_logprobs
+    from pg_deepspeed.models.logprobs import completion_logprobs
 
     variants: dict[str, tuple[torch.nn.Module, Variant]] = {}
     if "baseline" in names or "ours" in names:
@@ -148,7 +148,7 @@ def _peer(model, head, kwargs) -> Variant:
 
 def _head_logprobs(model: torch.nn.Module):
     """Ours's LM-head maths (chunked, checkpointed, float32) for another variant's completion rows."""
-    from pg_deepspeed.logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_head_logprobs
+    from pg_deepspeed.models.logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_head_logprobs
 
     head, transform = model.get_output_embeddings(), LogitTransform()
 

@@ -62,7 +62,7 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     import torch.distributed as dist
 
     from pg_deepspeed import completion_logprobs, patch_model
-    from pg_deepspeed.sequence_parallel import apply_sequence_parallel
+    from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel
 
     from .memory import cpu_peak_mib, cuda_peak_mib
     from .shapes import get_shape

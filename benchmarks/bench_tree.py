@@ -87,7 +87,7 @@ def make_batch(p: Preset, vocab: int, seed: int = 0):
 
 def make_variants(model, batch, p: Preset):
     """name -> fn(backward: bool) -> log-probs [N, S] (the last call's, for the standard per-prompt calls)."""
-    from pg_deepspeed.logprobs import completion_logprobs
+    from pg_deepspeed.models.logprobs import completion_logprobs
 
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     G, tokens = p.group_size, float(completion_mask.sum())

@@ -32,8 +32,8 @@ def child(args: argparse.Namespace) -> None:
 
     from benchmarks.memory import cpu_peak_mib
     from pg_deepspeed.integrations.trl import PrefixGroupedGRPOTrainer
-    from pg_deepspeed.presets import preset_config
-    from pg_deepspeed.tokenizer import build_char_tokenizer
+    from pg_deepspeed.demo.presets import preset_config
+    from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
     torch.manual_seed(0)
     work = Path(args.work)

@@ -23,13 +23,13 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pg_deepspeed.ds_config import load_ds_config
+from pg_deepspeed.distributed.ds_config import load_ds_config
 from pg_deepspeed.engine import build_model, init_policy, init_reference, load_config, load_tokenizer
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.data import build_source
 from pg_deepspeed.grpo.rewards import resolve_reward_fn
 from pg_deepspeed.grpo.trainer import fill_fixed_logprobs, rollout, update
-from pg_deepspeed.patch import patch_model
+from pg_deepspeed.models.patch import patch_model
 
 
 def coordinator(engine):

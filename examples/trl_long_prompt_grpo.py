@@ -32,8 +32,8 @@ class ScriptArguments:
 
 def write_demo(out: Path, prompts: int = 16, prompt_chars: int = 2048) -> tuple[str, str]:
     """A tiny random Qwen2 with the char tokenizer and `prompts` random prompts, saved under `out`."""
-    from pg_deepspeed.presets import preset_config
-    from pg_deepspeed.tokenizer import build_char_tokenizer
+    from pg_deepspeed.demo.presets import preset_config
+    from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
     torch.manual_seed(0)
     model_dir, data = out / "demo_model", out / "demo_prompts.jsonl"

@@ -1,4 +1,4 @@
-"""The shared-prefix decode cache (pg_deepspeed/cache.py) and the rollout modes of grpo/rollout.py.
+"""The shared-prefix decode cache (pg_deepspeed/generation/shared_prefix_cache.py) and the rollout modes of grpo/rollout.py.
 
 Every equivalence here is against a naive reference (tests/reference.py's dense attention; each sample's whole
 sequence forwarded alone through the unpatched model; stock `model.generate`), and between the two rollout modes
@@ -15,8 +15,8 @@ import transformers as tf
 from conftest import run_deepspeed
 from reference import TINY, dense_causal_attention, tiny_causal_lm, tiny_gpt_oss
 from pg_deepspeed import patch_model
-from pg_deepspeed.cache import SharedPrefixCache
-from pg_deepspeed.grpo.rollout import generate
+from pg_deepspeed.generation.shared_prefix_cache import SharedPrefixCache
+from pg_deepspeed.generation.sampling import generate
 
 MODES_ATOL = 1e-5      # shared vs repeat next-token logits, float32 (the issue's bound)
 REFERENCE_ATOL = 1e-4  # against each sample's sequence forwarded alone (a different summation order over ~20 keys)

@@ -1,4 +1,4 @@
-"""The KV cache's name (pg_deepspeed.compat) is the one this install's models declare and return."""
+"""The KV cache's name (pg_deepspeed.models.transformers_compat) is the one this install's models declare and return."""
 import inspect
 import warnings
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pg_deepspeed import patch_model
-from pg_deepspeed.compat import CACHE_KWARG, returned_cache
-from pg_deepspeed.grpo.rollout import generate
+from pg_deepspeed.models.transformers_compat import CACHE_KWARG, returned_cache
+from pg_deepspeed.generation.sampling import generate
 from reference import TINY_FAMILIES, tiny_causal_lm
 
 

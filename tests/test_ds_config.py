@@ -1,10 +1,10 @@
-"""pg_deepspeed.ds_config: every "auto" resolved from the run's arguments, contradictions and bad files refused."""
+"""pg_deepspeed.distributed.ds_config: every "auto" resolved from the run's arguments, contradictions and bad files refused."""
 import json
 from pathlib import Path
 
 import pytest
 
-from pg_deepspeed.ds_config import DSConfigError, load_ds_config, zero_stage
+from pg_deepspeed.distributed.ds_config import DSConfigError, load_ds_config, zero_stage
 
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 ARGS = dict(micro_batch_size=4, gradient_accumulation_steps=2, world_size=8, hidden_size=1024, dtype="bfloat16",

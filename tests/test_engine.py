@@ -1,4 +1,4 @@
-"""pg_deepspeed.build, checkpoint, export, presets and tokenizer: refusals and checkpoint choice in-process,
+"""pg_deepspeed.distributed.engines, checkpoint, export, presets and tokenizer: refusals and checkpoint choice in-process,
 ZeRO-3 behaviour through the real launcher.
 
 The distributed tests share two launcher runs of tests/dist/zero3_train.py (see its docstring): `main` trains
@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 from conftest import run_deepspeed
 from reference import padded_completion_logprobs, random_grpo_batch, tiny_causal_lm
 from safetensors import safe_open
-from pg_deepspeed.build import build_model, load_tokenizer
-from pg_deepspeed.checkpoint import _write_manifest, latest_checkpoint
-from pg_deepspeed.presets import is_preset, preset_config
-from pg_deepspeed.tokenizer import build_char_tokenizer
+from pg_deepspeed.distributed.engines import build_model, load_tokenizer
+from pg_deepspeed.distributed.checkpoint import _write_manifest, latest_checkpoint
+from pg_deepspeed.demo.presets import is_preset, preset_config
+from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
 SCRIPT = "tests/dist/zero3_train.py"
 LOAD_BATCH_SEED = 7  # tests/dist/load_dirs.py's BATCH_SEED

@@ -38,7 +38,7 @@ def use_doubles(monkeypatch, declared: str, forward=None, backward=None):
 
 
 def through(module):
-    return lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout, module, q.shape[-1] ** -0.5)
+    return lambda q, k, v, layout: PrefixGroupedAttention.apply(q, k, v, layout.plan, module, q.shape[-1] ** -0.5)
 
 
 # ---------------------------------------------------------------- our calls, exact through every declared contract
@@ -67,7 +67,7 @@ def test_a_tree_with_sinks_is_exact_through_every_declared_contract(declared, mo
     k, v = (torch.randn(layout.num_tokens, 2, 64, dtype=torch.float64, requires_grad=True) for _ in range(2))
     sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(layout.num_tokens, 4, 64, dtype=torch.float64)
-    ours = PrefixGroupedAttention.apply(q, k, v, layout, module, 0.125, sinks)
+    ours = PrefixGroupedAttention.apply(q, k, v, layout.plan, module, 0.125, sinks)
     ref = tree_path_attention(q, k, v, parents, lengths, 0.125, sinks)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), (ours, *torch.autograd.grad(ours, (q, k, v, sinks), dout)),
                           (ref, *torch.autograd.grad(ref, (q, k, v, sinks), dout))):

@@ -13,7 +13,7 @@ from pg_deepspeed.grpo.trainer import curriculum_of
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
 from pg_deepspeed import patch_model
-from pg_deepspeed.grpo.rollout import generate
+from pg_deepspeed.generation.sampling import generate
 from reference import tiny_causal_lm
 
 

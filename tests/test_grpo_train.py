@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 from conftest import DEEPSPEED, REPO, free_port, run_deepspeed
 from pg_deepspeed.grpo.metrics import MetricsLogger, read_metrics
-from pg_deepspeed.presets import PRESETS, preset_config
-from pg_deepspeed.tokenizer import build_char_tokenizer
+from pg_deepspeed.demo.presets import PRESETS, preset_config
+from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
 KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "tokens_per_s", "prefix_tokens_saved",
         "step_time_s", "world_size", "rollout_time_s", "rollout_tokens_per_s", "rollout_peak_mem_bytes",

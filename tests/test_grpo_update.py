@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM
 from pg_deepspeed import patch_model
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments
-from pg_deepspeed.grpo.rollout import generate
+from pg_deepspeed.generation.sampling import generate
 from pg_deepspeed.grpo.trainer import Batch, policy_loss, shared_preamble
-from pg_deepspeed.presets import preset_config
+from pg_deepspeed.demo.presets import preset_config
 from conftest import run_deepspeed
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_deepspeed
 from pg_deepspeed import completion_logprobs, patch_model
-from pg_deepspeed.packing import common_prefix_length
+from pg_deepspeed.layouts.packing import common_prefix_length
 from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss
 
 SEEDS = (0, 5, 8)  # 3 groups of mixed sizes; 9 members, five of length 1; a 1-token prompt and completion

@@ -148,7 +148,7 @@ def test_zero3_without_reduce_scatter_is_refused_with_the_reason(tmp_path, monke
 
 
 def test_the_batch_size_counts_data_parallel_replicas_only():
-    from pg_deepspeed.ds_config import load_ds_config
+    from pg_deepspeed.distributed.ds_config import load_ds_config
 
     config = load_ds_config(str(REPO / "ds_configs" / "zero3_cpu.json"), micro_batch_size=2,
                             gradient_accumulation_steps=3, world_size=8, hidden_size=64, dtype="float32", lr=1e-3,

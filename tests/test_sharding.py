@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pg_deepspeed import PrefixGroupLayout, PrefixTreeLayout, prefix_grouper_attention
-from pg_deepspeed.logprobs import LogitTransform, chunked_head_logprobs
-from pg_deepspeed.sharding import SequenceShard, pad_layout
+from pg_deepspeed.models.logprobs import LogitTransform, chunked_head_logprobs
+from pg_deepspeed.models.sequence_shards import SequenceShard, pad_layout
 from test_tree import forests
 
 

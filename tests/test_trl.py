@@ -20,7 +20,7 @@ import pg_deepspeed  # noqa: E402
 from pg_deepspeed.integrations.trl import (  # noqa: E402
     PrefixGroupedGRPOTrainer, check_trl_version, group_rows_by_prompt, grouped_logprobs,
 )
-from pg_deepspeed.tokenizer import EOS_ID, VOCAB_SIZE, build_char_tokenizer  # noqa: E402
+from pg_deepspeed.demo.char_tokenizer import EOS_ID, VOCAB_SIZE, build_char_tokenizer  # noqa: E402
 from reference import padded_completion_logprobs, tiny_causal_lm  # noqa: E402
 
 

@@ -16,12 +16,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..layout import PrefixGroupLayout
-from ..tree import PrefixTreeLayout
-from . import cpu, flash, flash3, torch_cuda
-from .function import PrefixGroupedAttention
-
-Layout = PrefixGroupLayout | PrefixTreeLayout
+from pg_deepspeed.layouts.attention_plan import AttentionPlan
+from pg_deepspeed.attention.backends import cpu, flash, flash3, torch_cuda
+from pg_deepspeed.attention.function import PrefixGroupedAttention
 
 BACKENDS: dict[str, ModuleType] = {"flash_attn_3": flash3, "flash_attn": flash, "torch": torch_cuda, "cpu": cpu}
 _warned_slow: set[tuple[str, torch.dtype]] = set()
@@ -64,9 +61,16 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
     return BACKENDS[name]
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> None:
-    if not isinstance(layout, (PrefixGroupLayout, PrefixTreeLayout)):
-        raise TypeError(f"layout must be a PrefixGroupLayout or PrefixTreeLayout, got {type(layout).__name__}")
+def attention_plan_of(layout) -> AttentionPlan:
+    """The attention plan itself, or a layout's (`PrefixGroupLayout`, `PrefixTreeLayout`: their `.plan`)."""
+    plan = layout if isinstance(layout, AttentionPlan) else getattr(layout, "plan", None)
+    if not isinstance(plan, AttentionPlan):
+        raise TypeError(f"layout must be a PrefixGroupLayout, PrefixTreeLayout or AttentionPlan, got "
+                        f"{type(layout).__name__}")
+    return plan
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: AttentionPlan) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3:
             raise ValueError(f"{name} must be [T, H, D], got shape {tuple(x.shape)}")
@@ -92,7 +96,7 @@ def prefix_grouper_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    layout: Layout,
+    layout,
     *,
     softmax_scale: float | None = None,
     backend: str = "auto",
@@ -102,13 +106,15 @@ def prefix_grouper_attention(
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0; returns [T, Hq, D].
     A prefix token attends causally within its prefix; a suffix token attends to its group's
-    whole prefix and causally to its own suffix. Outputs and gradients equal plain causal
+    whole prefix and causally to its own suffix. `layout` is a `PrefixGroupLayout`, a `PrefixTreeLayout` or
+    their `AttentionPlan` (`layout.plan`): the attention needs only the plan. Outputs and gradients equal plain causal
     attention over `[prefix_g ; suffix_gi]` for every member. With a `PrefixTreeLayout` a token attends
     causally within its segment and fully to every ancestor segment, for any depth.
     sinks: optional [Hq] attention-sink logits (gpt-oss's `s_aux`): one more logit per head in every row's
     softmax denominator, with no value; differentiable.
     """
-    _check_inputs(q, k, v, layout)
+    plan = attention_plan_of(layout)
+    _check_inputs(q, k, v, plan)
     if sinks is not None and (sinks.shape != (q.shape[1],) or sinks.device != q.device or not sinks.is_floating_point()):
         raise ValueError(
             f"sinks must be a floating [Hq] = [{q.shape[1]}] tensor on {q.device}, got {tuple(sinks.shape)} "
@@ -116,4 +122,4 @@ def prefix_grouper_attention(
         )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     module = resolve_backend(backend, q.device, q.dtype)
-    return PrefixGroupedAttention.apply(q, k, v, layout, module, scale, sinks)
+    return PrefixGroupedAttention.apply(q, k, v, plan, module, scale, sinks)

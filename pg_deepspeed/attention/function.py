@@ -1,4 +1,4 @@
-"""Prefix-grouped attention as one autograd Function over any backend module and any layout's plan."""
+"""Prefix-grouped attention as one autograd Function over any backend module and any layout's attention plan."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -6,12 +6,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .merge import add_sink, merge_attention, merge_rows, sink_grad
+from pg_deepspeed.layouts.attention_plan import AttentionPlan
+from pg_deepspeed.attention.merge import add_sink, merge_attention, merge_rows, sink_grad
 
 
 class PrefixGroupedAttention(torch.autograd.Function):
     """Exact attention over a packed forest of segments (`PrefixGroupLayout`, `PrefixTreeLayout`), every
-    segment's K/V stored once. The layout's `plan` (see plan.py) splits each row's keys into disjoint sets:
+    segment's K/V stored once. The attention plan P (layouts/attention_plan.py) splits each row's keys into disjoint sets:
       causal pass: each run (a chain of segments) causally over itself                   -> (O_c, L_c)
       cross pass:  each ancestor run's keys, for every query row below it (once per ancestor) -> (O_x, L_x)
     Forward merges per row: L = log(e^L_c + Σ e^L_x), O = e^(L_c-L) O_c + Σ e^(L_x-L) O_x.
@@ -23,9 +24,8 @@ class PrefixGroupedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout, backend: ModuleType, scale: float,
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, P: AttentionPlan, backend: ModuleType, scale: float,
                 sinks: Tensor | None = None):
-        P = layout.plan
         ctx.plan, ctx.backend, ctx.scale = P, backend, scale
         out, lse = backend.forward(q, k, v, P.cu_causal, P.cu_causal, P.max_causal, P.max_causal, True, scale)
         if P.has_cross:

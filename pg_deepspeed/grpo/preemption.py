@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from .collective import any_rank
+from pg_deepspeed.collectives import any_rank
 
 _NODE_RANK_VARIABLES = ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

@@ -17,28 +17,28 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from ..attention import check_backend_name
-from ..build import build_model, check_patchable, init_policy, init_reference, load_config, load_tokenizer
-from ..checkpoint import current_rng_state, load_checkpoint, save_checkpoint
-from ..ds_config import DTYPES, dtype_name, load_ds_config
-from ..export import export_hf
-from ..gather import GATHER_MODES, gathered_for_generation
-from ..logprobs import completion_logprobs
-from ..packing import common_prefix_length
-from ..patch import patch_model
-from ..sequence_parallel import check_sequence_parallel_size, gradient_scale
-from ..peak_memory import PeakMemory
-from .advantages import ESTIMATORS, group_advantages
-from .args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments, ModelArguments,
+from pg_deepspeed.attention import check_backend_name
+from pg_deepspeed.distributed.engines import build_model, check_patchable, init_policy, init_reference, load_config, load_tokenizer
+from pg_deepspeed.distributed.checkpoint import current_rng_state, load_checkpoint, save_checkpoint
+from pg_deepspeed.distributed.ds_config import DTYPES, dtype_name, load_ds_config
+from pg_deepspeed.distributed.export import export_hf
+from pg_deepspeed.distributed.rollout_weights import GATHER_MODES, gathered_for_generation
+from pg_deepspeed.models.logprobs import completion_logprobs
+from pg_deepspeed.layouts.packing import common_prefix_length
+from pg_deepspeed.models.patch import patch_model
+from pg_deepspeed.distributed.sequence_parallel import check_sequence_parallel_size, gradient_scale
+from pg_deepspeed.distributed.peak_memory import PeakMemory
+from pg_deepspeed.grpo.advantages import ESTIMATORS, group_advantages
+from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments, ModelArguments,
                    TrainArguments)
-from .collective import all_gather_cat, all_mean, broadcast_from_first
-from .data import (SFT_OFFSET, Curriculum, PromptSource, batch_indices, build_source, longest_prompt,
+from pg_deepspeed.collectives import all_gather_cat, all_mean, broadcast_from_first
+from pg_deepspeed.grpo.data import (SFT_OFFSET, Curriculum, PromptSource, batch_indices, build_source, longest_prompt,
                    tokenize_prompts)
-from .loss import AGGREGATIONS, grpo_loss
-from .metrics import MetricsLogger
-from .preemption import Preempted, PreemptionGuard, node_rank
-from .rewards import compute_rewards, resolve_reward_fn
-from .rollout import CACHE_MODES, generate
+from pg_deepspeed.grpo.loss import AGGREGATIONS, grpo_loss
+from pg_deepspeed.grpo.metrics import MetricsLogger
+from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
+from pg_deepspeed.grpo.rewards import compute_rewards, resolve_reward_fn
+from pg_deepspeed.generation.sampling import CACHE_MODES, generate
 
 
 @dataclass

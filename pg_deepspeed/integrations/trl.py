@@ -30,8 +30,8 @@ from packaging.version import Version
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from ..logprobs import completion_logprobs
-from ..patch import patch_model, unwrap_model
+from pg_deepspeed.models.logprobs import completion_logprobs
+from pg_deepspeed.models.patch import patch_model, unwrap_model
 
 SUPPORTED_TRL = ">=1.16.0,<1.17"  # the `trl` extra in setup.cfg pins the same range
 

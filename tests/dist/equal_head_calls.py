@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from reference import padded_completion_logprobs  # noqa: E402
 
 from pg_deepspeed import completion_logprobs  # noqa: E402
-from pg_deepspeed.build import build_model, init_policy, init_reference  # noqa: E402
-from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
-from pg_deepspeed.presets import preset_config  # noqa: E402
+from pg_deepspeed.distributed.engines import build_model, init_policy, init_reference  # noqa: E402
+from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
+from pg_deepspeed.demo.presets import preset_config  # noqa: E402
 from zero3_train import full_weights  # noqa: E402  (this directory is the script's, so on sys.path)
 
 MODEL, PROMPTS, GROUP, CHUNK = "tiny-qwen2", 2, 4, 8

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from reference import random_grpo_batch  # noqa: E402
 
 from pg_deepspeed import completion_logprobs  # noqa: E402
-from pg_deepspeed.build import init_reference, load_config  # noqa: E402
-from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
-from pg_deepspeed.export import export_hf  # noqa: E402
-from pg_deepspeed.tokenizer import build_char_tokenizer  # noqa: E402
+from pg_deepspeed.distributed.engines import init_reference, load_config  # noqa: E402
+from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
+from pg_deepspeed.distributed.export import export_hf  # noqa: E402
+from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer  # noqa: E402
 
 BATCH_SEED = 7
 

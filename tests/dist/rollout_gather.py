@@ -34,11 +34,11 @@ for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_g
 import deepspeed  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from pg_deepspeed.build import build_model, init_policy  # noqa: E402
-from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
-from pg_deepspeed.gather import gathered_for_generation  # noqa: E402
-from pg_deepspeed.grpo.rollout import generate  # noqa: E402
-from pg_deepspeed.presets import preset_config  # noqa: E402
+from pg_deepspeed.distributed.engines import build_model, init_policy  # noqa: E402
+from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
+from pg_deepspeed.distributed.rollout_weights import gathered_for_generation  # noqa: E402
+from pg_deepspeed.generation.sampling import generate  # noqa: E402
+from pg_deepspeed.demo.presets import preset_config  # noqa: E402
 
 MODEL, SEED = "tiny-qwen2", 4321
 

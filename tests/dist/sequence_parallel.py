@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from reference import padded_completion_logprobs, tiny_causal_lm, tiny_gpt_oss  # noqa: E402
 
 from pg_deepspeed import completion_logprobs, patch_model  # noqa: E402
-from pg_deepspeed.packing import pack_completions  # noqa: E402
+from pg_deepspeed.layouts.packing import pack_completions  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
-from pg_deepspeed.sequence_parallel import apply_sequence_parallel  # noqa: E402
+from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
 from zero3_train import full_weights  # noqa: E402
 
 LR, MICRO_BATCHES = 0.5, 2

@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from reference import padded_completion_logprobs  # noqa: E402
 
 from pg_deepspeed import completion_logprobs  # noqa: E402
-from pg_deepspeed.ds_config import load_ds_config  # noqa: E402
-from pg_deepspeed.build import (  # noqa: E402
+from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
+from pg_deepspeed.distributed.engines import (  # noqa: E402
     build_model, init_policy, init_reference, load_tokenizer, reference_config,
 )
-from pg_deepspeed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from pg_deepspeed.export import export_hf  # noqa: E402
-from pg_deepspeed.presets import preset_config  # noqa: E402
+from pg_deepspeed.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pg_deepspeed.distributed.export import export_hf  # noqa: E402
+from pg_deepspeed.demo.presets import preset_config  # noqa: E402
 
 MODEL, SEED, STEPS, SAVE_AT, LR = "tiny-qwen2", 1234, 3, 2, 1e-3
 PROMPTS, GROUP = 2, 3

@@ -21,6 +21,7 @@ the same FLOPs and bytes in one launch, so it is the one with the fewest kernel 
 | cross_k      | [Rk]     | packed index of each cross-pass key row (the tokens of runs with descendants) |
 | cu_cross_q   | [A+1]    | int32 offsets of each ancestor run's queries within cross_q       |
 | cu_cross_k   | [A+1]    | int32 offsets of each ancestor run's keys within cross_k          |
+| num_tokens   | int      | T, the packed row's length                                        |
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ class AttentionPlan:
     max_cross_q: int
     max_cross_k: int
     cross_rows_unique: bool  # no run has two ancestor runs: every row is a cross query at most once
+    num_tokens: int  # T: the runs tile the packed row [0, T)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_causal.device
 
     @property
     def has_cross(self) -> bool:
@@ -113,6 +119,7 @@ def build_plan(lengths: Sequence[int], parents: Sequence[int], device: torch.dev
         max_cross_q=max((sum(run_len[r] for r in below[a]) for a in owners), default=0),
         max_cross_k=max((run_len[a] for a in owners), default=0),
         cross_rows_unique=all(len(anc) <= 1 for anc in ancestors),
+        num_tokens=offset,
     )
 
 

@@ -1,6 +1,6 @@
 """Named tiny model configs for demos and tests: random-initialised, nothing downloaded.
 
-Both presets use the character tokenizer's vocabulary (:mod:`pg_deepspeed.tokenizer`) and grouped-query
+Both presets use the character tokenizer's vocabulary (:mod:`pg_deepspeed.demo.char_tokenizer`) and grouped-query
 attention, so they exercise the same code paths as real Qwen2 / Llama checkpoints at a size two CPU cores train.
 
 | preset       | layers | hidden | heads (q/kv) | mlp | max positions |
@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from pg_deepspeed.demo.char_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .layout import PrefixGroupLayout
-from .tree import PrefixTreeLayout
+from pg_deepspeed.layouts.group import PrefixGroupLayout
+from pg_deepspeed.layouts.tree import PrefixTreeLayout
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Sequence sharding of a packed forward: what each sequence-parallel rank holds, and how the pieces come back.
 
-Under sequence parallelism (`pg_deepspeed.sequence_parallel`, on DeepSpeed's Ulysses) the `size` ranks of a
+Under sequence parallelism (`pg_deepspeed.distributed.sequence_parallel`, on DeepSpeed's Ulysses) the `size` ranks of a
 group share one packed row `[1, T]`:
 
 | step                         | each rank holds                                   | where                        |
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layout import PrefixGroupLayout
-from .tree import PrefixTreeLayout
+from pg_deepspeed.layouts.group import PrefixGroupLayout
+from pg_deepspeed.layouts.tree import PrefixTreeLayout
 
 Layout = PrefixGroupLayout | PrefixTreeLayout
 

@@ -2,7 +2,7 @@
 
 Typical use on every rank (``deepspeed --num_gpus N train.py ...``)::
 
-    ds_config = load_ds_config(path, ...)                                    # pg_deepspeed.ds_config
+    ds_config = load_ds_config(path, ...)                                    # pg_deepspeed.distributed.ds_config
     policy = init_policy(build_model(name, ds_config, dtype=torch.float32), ds_config)
     reference = init_reference(name, ds_config, dtype=torch.float32)
 
@@ -25,11 +25,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from .ds_config import precision, zero_stage
-from .patch import patch_model
-from .presets import PRESETS, is_preset, preset_config
-from .sequence_parallel import apply_sequence_parallel
-from .tokenizer import build_char_tokenizer
+from pg_deepspeed.distributed.ds_config import precision, zero_stage
+from pg_deepspeed.models.patch import patch_model
+from pg_deepspeed.demo.presets import PRESETS, is_preset, preset_config
+from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel
+from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
 # Files a Hugging Face model directory holds its weights in (transformers' names).
 WEIGHT_FILES = (

@@ -17,7 +17,7 @@ transformers builds masks from the implementation name alone, before any attenti
 forward pre-hook on every patched `PreTrainedModel` checks the call and records it (layout or
 not) in a context variable that the registered mask function reads.
 
-What can be served exactly is decided in `support.py`: refusals at patch time (a sliding or chunked
+What can be served exactly is decided in `exactness.py`: refusals at patch time (a sliding or chunked
 window shorter than `max_length`, among others) and limits every packed call is checked against (no
 prompt + completion longer than a window; no packed row longer than a model that reads the packed
 index is exact for).
@@ -44,12 +44,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import check_backend_name, prefix_grouper_attention
-from .compat import CACHE_NAMES
-from .layout import PrefixGroupLayout
-from .sharding import SequenceShard
-from .tree import PrefixTreeLayout
-from .support import CallLimits, call_limits, unsupported_reasons
+from pg_deepspeed.attention import check_backend_name, prefix_grouper_attention
+from pg_deepspeed.models.transformers_compat import CACHE_NAMES
+from pg_deepspeed.layouts.group import PrefixGroupLayout
+from pg_deepspeed.models.sequence_shards import SequenceShard
+from pg_deepspeed.layouts.tree import PrefixTreeLayout
+from pg_deepspeed.models.exactness import CallLimits, call_limits, unsupported_reasons
 
 ATTN_NAME = "prefix_grouper"
 # Keyword arguments an attention module may hand the attention function, and what becomes of them under a layout:
@@ -144,7 +144,7 @@ def prefix_grouper_attention_forward(
     `shared_prefix=` (a `cache.SharedPrefixCache`), whose attention merges each group's prompt held once. With a
     `sequence_shard` the tensors hold the shard's L tokens and the call goes through the model's sequence-parallel
     exchange, which runs :func:`grouped_attention_forward` on the whole sequence for a share of the heads
-    (sharding.py).
+    (sequence_shards.py).
     """
     shared_prefix = kwargs.pop("shared_prefix", None)
     if shared_prefix is not None:
@@ -162,7 +162,7 @@ def prefix_grouper_attention_forward(
     sp = getattr(module, "_prefix_grouper_sp", None)
     if sp is None or sp.size != sequence_shard.size:
         raise ValueError(f"a sequence_shard of size {sequence_shard.size} needs the model's sequence parallelism "
-                         f"of that size (pg_deepspeed.sequence_parallel.apply_sequence_parallel)")
+                         f"of that size (pg_deepspeed.distributed.sequence_parallel.apply_sequence_parallel)")
     # the exchange all-gathers the shard's position ids (DeepSpeed's Ulysses asserts they are passed); ours are
     # the layout's, whatever the modeling code hands on
     kwargs["position_ids"] = prefix_layout.position_ids[None, sequence_shard.start:sequence_shard.stop]

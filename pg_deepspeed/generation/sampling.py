@@ -10,7 +10,7 @@ through one of two caches:
   the model's own attention; it holds B·G copies of the prompt's K/V (kept for A/B comparisons).
 
 Under ZeRO-3 every forward gathers each layer's parameters with a collective (unless the weights are gathered once
-around the rollout, `gather.py`), so all ranks must run the same number of forwards: the loop stops only when every
+around the rollout, `distributed/rollout_weights.py`), so all ranks must run the same number of forwards: the loop stops only when every
 rank is done (an all-reduce per token; the preemption guard's polls rely on it too).
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..cache import SharedPrefixCache
-from ..compat import CACHE_KWARG, returned_cache
-from .collective import any_rank, max_over_ranks
+from pg_deepspeed.generation.shared_prefix_cache import SharedPrefixCache
+from pg_deepspeed.models.transformers_compat import CACHE_KWARG, returned_cache
+from pg_deepspeed.collectives import any_rank, max_over_ranks
 
 
 CACHE_MODES = ("shared", "repeat")

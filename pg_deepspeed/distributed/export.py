@@ -11,7 +11,7 @@ import deepspeed
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from .patch import unwrap_model
+from pg_deepspeed.models.patch import unwrap_model
 
 
 def export_hf(

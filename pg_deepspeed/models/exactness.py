@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from transformers import PreTrainedModel
 
-from .layout import PrefixGroupLayout
+from pg_deepspeed.layouts.group import PrefixGroupLayout
 
 WINDOWED_LAYERS = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
 

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .plan import AttentionPlan, build_plan, path_predecessors
+from pg_deepspeed.layouts.attention_plan import AttentionPlan, build_plan, path_predecessors
 
 GroupSize = Union[int, Sequence[int]]
 
@@ -57,7 +57,7 @@ class PrefixGroupLayout:
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
     | predecessor      | [T]     | packed index of the token before each one on its sequence (-1 first) |
-    | plan             |         | the attention passes (plan.py): the prefixes and suffixes as a forest of depth 1 |
+    | plan             |         | the attention passes (attention_plan.py): the prefixes and suffixes as a forest of depth 1 |
     """
 
     prefix_lens: Tensor

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .contract import Kernels, check_backward, check_forward, half_on_cuda, probe, returned
+from pg_deepspeed.attention.contract import Kernels, check_backward, check_forward, half_on_cuda, probe, returned
 
 NAME = "flash_attn_3"
 MODULE = "flash_attn_interface"

@@ -5,7 +5,7 @@
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, ...)
     logps = completion_logprobs(engine, ...)                      # unchanged: [N, Lc], the same on each SP rank
 
-The `size` consecutive ranks of a sequence-parallel group share each packed row (sharding.py): each forwards a
+The `size` consecutive ranks of a sequence-parallel group share each packed row (models/sequence_shards.py): each forwards a
 contiguous slice, the attention sees the whole row for `Hq / size` heads, each rank runs the LM head on the rows
 it holds, and every rank gets all the log-probs. Give the ranks of a group the same batch; the data-parallel
 size is `world / size`.
@@ -30,9 +30,9 @@ from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
-from .ds_config import zero_stage
-from .patch import grouped_attention_forward, unwrap_model
-from .sharding import SequenceParallel, attach
+from pg_deepspeed.distributed.ds_config import zero_stage
+from pg_deepspeed.models.patch import grouped_attention_forward, unwrap_model
+from pg_deepspeed.models.sequence_shards import SequenceParallel, attach
 
 
 def check_sequence_parallel_size(size: int, world_size: int, config: Any, option: str = "sequence_parallel_size"

@@ -15,7 +15,7 @@ sampling tree.
 | depth         | [S]    | ancestors of each segment                                      |
 | predecessor   | [T]    | packed index of the token before each one on its path (-1 first) |
 | row_leaf      | [R]    | `from_rows` only: the segment each input row ends in           |
-| plan          |        | the attention passes (plan.py)                                 |
+| plan          |        | the attention passes (attention_plan.py)                                 |
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .plan import AttentionPlan, build_plan, path_predecessors, runs_to_index
+from pg_deepspeed.layouts.attention_plan import AttentionPlan, build_plan, path_predecessors, runs_to_index
 
 
 @dataclass(frozen=True, eq=False)

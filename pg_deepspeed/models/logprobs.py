@@ -1,7 +1,7 @@
 """Per-token log-probs of GRPO completions with each prompt forwarded once per group.
 
 `completion_logprobs` is a drop-in for a GRPO trainer's per-token log-prob function (TRL's
-`_get_per_token_logps_and_entropies`). The batch is packed (packing.py: two levels, or three with a
+`_get_per_token_logps_and_entropies`). The batch is packed (layouts/packing.py: two levels, or three with a
 shared preamble), the patched decoder runs once over `[1, T]`, and the LM head runs only on the Ts rows
 that predict completion tokens, a chunk of rows at a time, recomputed chunk by chunk in backward.
 
@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from .layout import GroupSize, group_sizes
-from .packing import pack_completions
-from .patch import unwrap_model
-from .sharding import SequenceParallel, SequenceShard, gather_shards, pad_layout, sequence_parallel_of
+from pg_deepspeed.layouts.group import GroupSize, group_sizes
+from pg_deepspeed.layouts.packing import pack_completions
+from pg_deepspeed.models.patch import unwrap_model
+from pg_deepspeed.models.sequence_shards import SequenceParallel, SequenceShard, gather_shards, pad_layout, sequence_parallel_of
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -170,7 +170,7 @@ def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, 
                     return_entropy: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
     """One packed forward; the LM head on the predecessor of each target token only -> ([R], [R] or None).
 
-    Under sequence parallelism (sharding.py) this rank forwards its share of the padded row, runs the LM head on
+    Under sequence parallelism (sequence_shards.py) this rank forwards its share of the padded row, runs the LM head on
     the predecessors it holds, and every rank gets all R values.
     """
     predecessor = layout.predecessor[targets]

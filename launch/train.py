@@ -14,13 +14,14 @@ import sys
 from transformers import HfArgumentParser
 
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
-from pg_deepspeed.grpo.trainer import prepare, run
+from pg_deepspeed.grpo.setup_checks import prepare
+from pg_deepspeed.grpo.trainer import run
 
 if __name__ == "__main__":
     parser = HfArgumentParser((ModelArguments, DataArguments, GRPOArguments, TrainArguments))
     try:
-        plan = prepare(*parser.parse_args_into_dataclasses())
+        setup = prepare(*parser.parse_args_into_dataclasses())
     except (ValueError, TypeError, OSError, ImportError) as error:  # what prepare() raises for bad configuration
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
-    run(plan)
+    run(setup)

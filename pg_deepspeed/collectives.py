@@ -34,13 +34,14 @@ def max_over_ranks(value: int) -> int:
     return int(t.item())
 
 
-def all_mean(values: list[float]) -> list[float]:
-    """The mean over ranks of each value."""
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each named value (one all-reduce). Collective: every rank passes the same names."""
     if not _distributed():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+        return dict(values)
+    names = sorted(values)
+    t = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return dict(zip(names, (t / dist.get_world_size()).tolist()))
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import DataArguments
 from pg_deepspeed.grpo.data import (SFT_OFFSET, Curriculum, FileDataset, KVRetrievalTask, MajorityDigitTask,
                                     NeedleDigitTask, batch_indices, build_source)
-from pg_deepspeed.grpo.trainer import curriculum_of
+from pg_deepspeed.grpo.setup_checks import curriculum_of
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.rewards import RewardError, compute_rewards, digit_answer, numeric_match, resolve_reward_fn
 from pg_deepspeed import patch_model
@@ -241,7 +241,7 @@ def test_the_curriculum_options_resolve_to(start, dataset, prompt_length, expect
 def test_the_warm_up_defaults_to_a_supervised_start_only_when_a_curriculum_runs(monkeypatch):
     """prepare() resolves an unset --sft_warmup_steps: 60 on the curriculum's first prompts, 0 without one."""
     from pg_deepspeed.grpo.args import GRPOArguments, ModelArguments, TrainArguments
-    from pg_deepspeed.grpo.trainer import prepare
+    from pg_deepspeed.grpo.setup_checks import prepare
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     plan = lambda data, **train: prepare(ModelArguments(), data, GRPOArguments(),

@@ -9,7 +9,7 @@ from pg_deepspeed import patch_model
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments
 from pg_deepspeed.generation.sampling import generate
-from pg_deepspeed.grpo.trainer import Batch, policy_loss, shared_preamble
+from pg_deepspeed.grpo.steps import Batch, policy_loss, shared_preamble
 from pg_deepspeed.demo.presets import preset_config
 from conftest import run_deepspeed
 

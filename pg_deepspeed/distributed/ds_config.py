@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
+
 # The one dtype table: the names a run accepts (with DeepSpeed's short aliases) and the torch dtype of each.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -63,15 +65,14 @@ def load_ds_config(
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
-    if world_size % sequence_parallel_size:
-        raise ValueError(f"sequence_parallel_size={sequence_parallel_size} does not divide the {world_size} ranks")
+    dims = ParallelDims(world_size, sequence_parallel_size)
     dtype = dtype_name(dtype)
 
     config = _read_json(path)
     batch = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "train_batch_size": micro_batch_size * gradient_accumulation_steps * (world_size // sequence_parallel_size),
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * dims.dp,
     }
     resolvers: dict[tuple[str, ...], Callable[[], Any]] = {
         **{(key,): (lambda key=key: batch[key]) for key in _BATCH_KEYS},

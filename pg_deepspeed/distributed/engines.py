@@ -20,7 +20,7 @@ import os
 
 import deepspeed
 import torch
-import torch._dynamo  # noqa: F401  (imported before zero.Init, which patches Tensor.__new__: see FACTS.md)
+import torch._dynamo  # noqa: F401  (before zero.Init: inside it a lazy dynamo import fails, "Signature mismatch ... tensor_pynew")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -78,13 +78,14 @@ def load_config(model: str) -> PretrainedConfig:
 
 def build_model(
     model: str, ds_config: dict, *, dtype: torch.dtype, gradient_checkpointing: bool = False,
-    max_length: int | None = None,
+    max_length: int | None = None, attention_backend: str = "auto",
 ) -> PreTrainedModel:
     """A patched causal LM from a preset name or a local HF directory, sharded at birth when ZeRO stage is 3.
 
     Presets are random-initialised by transformers; directories are loaded by ``from_pretrained``. ``use_cache``
     is off: training never decodes incrementally. ``max_length`` (the longest prompt + completion of the run) goes
-    to :func:`patch_model`, so a sliding window that covers the run is accepted.
+    to :func:`patch_model`, so a sliding window that covers the run is accepted; ``attention_backend`` is the
+    grouped attention's backend ("auto", "flash_attn_3", "flash_attn", "torch", "cpu").
     """
     check_model(model)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -102,7 +103,7 @@ def build_model(
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return patch_model(module, max_length=max_length)
+    return patch_model(module, backend=attention_backend, max_length=max_length)
 
 
 def init_policy(model: PreTrainedModel, ds_config: dict, *, sequence_parallel_size: int = 1
@@ -132,12 +133,13 @@ def reference_config(ds_config: dict) -> dict:
 
 
 def init_reference(
-    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None, sequence_parallel_size: int = 1
+    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None, sequence_parallel_size: int = 1,
+    attention_backend: str = "auto",
 ) -> deepspeed.DeepSpeedEngine:
     """The frozen reference: same weights source, sharding and sequence parallelism as the policy, eval mode, no
     optimizer."""
     config = reference_config(ds_config)
-    module = build_model(model, config, dtype=dtype, max_length=max_length)
+    module = build_model(model, config, dtype=dtype, max_length=max_length, attention_backend=attention_backend)
     module.requires_grad_(False)
     mpu = apply_sequence_parallel(module, sequence_parallel_size, config)
     engine, *_ = deepspeed.initialize(model=module, config=config, mpu=mpu)

@@ -23,32 +23,15 @@ scale (:func:`gradient_scale`).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
 from pg_deepspeed.distributed.ds_config import zero_stage
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.models.patch import grouped_attention_forward, unwrap_model
 from pg_deepspeed.models.sequence_shards import SequenceParallel, attach
-
-
-def check_sequence_parallel_size(size: int, world_size: int, config: Any, option: str = "sequence_parallel_size"
-                                 ) -> None:
-    """Refuse, naming `option`, a size that does not divide the ranks or the model's attention heads."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{option} must be a positive int, got {size!r}")
-    if world_size % size:
-        raise ValueError(f"{option}={size} does not divide the {world_size} ranks")
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    if heads % size:
-        raise ValueError(f"{option}={size} does not divide the model's {heads} attention heads")
-    if kv_heads % size and size % kv_heads:
-        raise ValueError(f"{option}={size} and the model's {kv_heads} key/value heads: neither divides the other")
 
 
 def gradient_scale(ds_config: dict, size: int) -> float:
@@ -115,7 +98,7 @@ def apply_sequence_parallel(model: nn.Module, size: int, ds_config: dict | None 
         raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
     if not dist.is_initialized():
         raise RuntimeError("apply_sequence_parallel needs torch.distributed initialised (deepspeed.init_distributed)")
-    check_sequence_parallel_size(size, dist.get_world_size(), hf.config)
+    ParallelDims(dist.get_world_size(), size).check_model(hf.config)
     if ds_config is None:
         ds_config = getattr(model, "config", None)
         if not isinstance(ds_config, dict):

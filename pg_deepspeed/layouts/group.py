@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pg_deepspeed.layouts.attention_plan import AttentionPlan, build_plan, path_predecessors
+from pg_deepspeed.layouts.tree import prefix_tokens_saved
 
 GroupSize = Union[int, Sequence[int]]
 
@@ -109,8 +110,8 @@ class PrefixGroupLayout:
 
     @property
     def prefix_tokens_saved(self) -> int:
-        """Prefix tokens the standard forward would recompute: sum_g (G_g - 1) * P_g."""
-        return int(((self.group_sizes - 1) * self.prefix_lens).sum())
+        """Prefix tokens the standard forward would recompute: sum_g (G_g - 1) * P_g (`tree.prefix_tokens_saved`)."""
+        return prefix_tokens_saved(*self.segments())
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -1,4 +1,4 @@
-"""The packing plan of a prefix tree: shared segments at any depth, each computed once.
+"""The packed layout of a prefix tree: shared segments at any depth, each computed once.
 
 A forest of S token segments, packed in the order they are listed, every parent before its children. Every
 root-to-node path is a sequence: a token attends causally within its segment and fully to every ancestor's
@@ -28,6 +28,17 @@ from torch import Tensor
 from pg_deepspeed.layouts.attention_plan import AttentionPlan, build_plan, path_predecessors, runs_to_index
 
 
+def prefix_tokens_saved(parents: Sequence[int], lengths: Sequence[int]) -> int:
+    """Tokens a forward of every root-to-leaf path on its own computes beyond the packed forest: the sum of the leaf
+    paths' lengths minus the forest's tokens (each shared segment's repeats). Every layout counts its saving here."""
+    path, has_child = [0] * len(parents), [False] * len(parents)
+    for s, (p, n) in enumerate(zip(parents, lengths)):
+        path[s] = n + (path[p] if p >= 0 else 0)
+        if p >= 0:
+            has_child[p] = True
+    return sum(n for n, inner in zip(path, has_child) if not inner) - sum(lengths)
+
+
 @dataclass(frozen=True, eq=False)
 class PrefixTreeLayout:
     """Index tensors of a packed prefix tree; build it with `from_parents` or `from_rows`."""
@@ -50,6 +61,11 @@ class PrefixTreeLayout:
     def segments(self) -> tuple[list[int], list[int]]:
         """(parents, lengths) of the segments, as `from_parents` takes them."""
         return self.parents.tolist(), self.lengths.tolist()
+
+    @property
+    def prefix_tokens_saved(self) -> int:
+        """Tokens the forward of each root-to-leaf path on its own would recompute (:func:`prefix_tokens_saved`)."""
+        return prefix_tokens_saved(*self.segments())
 
     @property
     def device(self) -> torch.device:

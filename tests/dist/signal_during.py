@@ -4,7 +4,7 @@ check where a stop is honoured.
     SIGNAL_DURING=sft:2 deepspeed --num_gpus 2 tests/dist/signal_during.py [train.py options]      # warm-up step 2
     SIGNAL_DURING=rollout:3 deepspeed --num_gpus 2 tests/dist/signal_during.py [train.py options]  # step 3's rollout
 
-Rank 1 signals itself at the start of the n-th warm-up forward (`completion_logprobs`, one per warm-up step with
+Rank 1 signals itself at the start of the n-th warm-up forward (`steps.completion_logprobs`, one per warm-up step with
 gradient_accumulation_steps 1) or of the n-th rollout (`generate`, before its first model forward). Everything
 else is the real trainer, run as `python launch/train.py`.
 """
@@ -13,11 +13,11 @@ import runpy
 import signal
 import sys
 
-from pg_deepspeed.grpo import trainer
+from pg_deepspeed.grpo import steps
 
 WHERE, _, NUMBER = os.environ["SIGNAL_DURING"].partition(":")
 TARGET = {"sft": "completion_logprobs", "rollout": "generate"}[WHERE]
-original = getattr(trainer, TARGET)
+original = getattr(steps, TARGET)
 calls = 0
 
 
@@ -29,7 +29,7 @@ def signalling(*args, **kwargs):
     return original(*args, **kwargs)
 
 
-setattr(trainer, TARGET, signalling)
+setattr(steps, TARGET, signalling)
 script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "launch", "train.py")
 sys.argv = [script, *sys.argv[1:]]
 runpy.run_path(script, run_name="__main__")

@@ -22,7 +22,7 @@ from reference import padded_completion_logprobs, tiny_causal_lm  # noqa: E402
 
 from pg_deepspeed import patch_model  # noqa: E402
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments  # noqa: E402
-from pg_deepspeed.grpo.trainer import Batch, update  # noqa: E402
+from pg_deepspeed.grpo.steps import Batch, update  # noqa: E402
 from zero3_train import full_weights  # noqa: E402  (this directory is the script's, so on sys.path)
 
 PROMPTS, GROUP, MICRO_BATCHES, LR = 2, 3, 2, 0.5

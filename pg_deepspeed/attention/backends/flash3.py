@@ -14,7 +14,8 @@ every argument after q, k, v with a default) through 0f82fead (2026-03):
 We call them by keyword. Varlen softmax_lse is float32 [Hq, total_q] (hopper/flash_api.cpp,
 mha_fwd); causal masks are aligned bottom-right; GQA is native. The kernels check for sm80 or newer.
 The public `flash_attn_varlen_func` is no use here: its backward ignores the lse gradient and cannot
-take the merged (out, lse) (see FACTS.md). Same contract as `cpu.py`; `contract.py` checks every result.
+take the merged (out, lse) (read from flash_attn_interface's FlashAttnVarlenFunc: it returns None for lse's
+gradient). Same contract as `cpu.py`; `contract.py` checks every result.
 """
 from __future__ import annotations
 

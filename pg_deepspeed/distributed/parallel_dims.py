@@ -1,0 +1,41 @@
+"""How a run's ranks divide: `dp` data-parallel replicas of `sp` sequence-parallel ranks each (world = dp × sp)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """`world` ranks in groups of `sp` consecutive ranks; each group shares one packed micro-batch along the sequence
+    (DeepSpeed Ulysses) and is one data-parallel replica. ZeRO-3 shards and reduces over all `world` ranks."""
+
+    world: int
+    sp: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value in (("world size", self.world), ("sequence_parallel_size", self.sp)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.world % self.sp:
+            raise ValueError(f"sequence_parallel_size={self.sp} does not divide the {self.world} ranks")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas: what the batch size counts."""
+        return self.world // self.sp
+
+    def replica(self, rank: int) -> int:
+        """The data-parallel replica (sequence-parallel group) of global `rank`."""
+        return rank // self.sp
+
+    def check_model(self, config: Any) -> None:
+        """Refuse an `sp` that does not split the model's attention heads (Ulysses all-to-alls heads)."""
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        if heads % self.sp:
+            raise ValueError(f"sequence_parallel_size={self.sp} does not divide the model's {heads} attention heads")
+        if kv_heads % self.sp and self.sp % kv_heads:
+            raise ValueError(f"sequence_parallel_size={self.sp} and the model's {kv_heads} key/value heads: neither "
+                             "divides the other")

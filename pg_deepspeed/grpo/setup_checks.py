@@ -1,0 +1,146 @@
+"""Everything `launch/train.py` checks before any process group or weights exist: :func:`prepare` returns the
+:class:`TrainingSetup` that `trainer.run` builds and trains from, or raises ValueError, TypeError, OSError or
+ImportError naming the culprit (printed as one line, exit status 2)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from pg_deepspeed.attention import check_backend_name
+from pg_deepspeed.distributed.ds_config import dtype_name, load_ds_config
+from pg_deepspeed.distributed.engines import check_patchable, load_config, load_tokenizer
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
+from pg_deepspeed.distributed.sequence_parallel import gradient_scale
+from pg_deepspeed.generation.sampling import CACHE_MODES
+from pg_deepspeed.grpo.advantages import ESTIMATORS
+from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
+                                    ModelArguments, TrainArguments)
+from pg_deepspeed.grpo.data import Curriculum, PromptSource, build_source, longest_prompt
+from pg_deepspeed.grpo.loss import AGGREGATIONS
+from pg_deepspeed.grpo.rewards import resolve_reward_fn
+
+
+@dataclass
+class TrainingSetup:
+    """What the cheap set-up checks established."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    grpo: GRPOArguments
+    train: TrainArguments
+    dims: ParallelDims
+    tokenizer: PreTrainedTokenizerBase
+    config: PretrainedConfig
+    source: PromptSource
+    reward_fn: Callable
+    ds_config: dict
+    max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments,
+            train: TrainArguments) -> TrainingSetup:
+    """Check the options, the model directory, the data and the DeepSpeed config; nothing heavy."""
+    curriculum = curriculum_of(data_args, train.max_steps)
+    if train.sft_warmup_steps is None:  # unset: a supervised start on the curriculum's shortest prompts
+        train = replace(train, sft_warmup_steps=DEFAULT_SFT_WARMUP_STEPS if curriculum is not None else 0)
+    check_args(model_args, grpo, train)
+    tokenizer = load_tokenizer(model_args.model)
+    config = load_config(model_args.model)
+    try:
+        dims = ParallelDims(int(os.environ.get("WORLD_SIZE", "1")), train.sequence_parallel_size)
+        dims.check_model(config)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+    source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed, curriculum,
+                          examples_per_step=dims.dp * train.prompts_per_device * train.gradient_accumulation_steps)
+    max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
+    check_patchable(config, max_length)
+    reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
+    ds_config = load_ds_config(
+        train.ds_config, micro_batch_size=train.prompts_per_device,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        world_size=dims.world, hidden_size=config.hidden_size, dtype=model_args.dtype,
+        lr=train.learning_rate, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
+        total_steps=train.sft_warmup_steps + train.max_steps * grpo.num_iterations,
+        sequence_parallel_size=dims.sp,
+    )
+    try:
+        gradient_scale(ds_config, dims.sp)
+    except ValueError as error:
+        raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
+    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, config, source, reward_fn, ds_config,
+                         max_length)
+
+
+def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
+    """Refuse contradictory or impossible settings."""
+    if not os.path.isfile(train.ds_config):
+        raise FileNotFoundError(f"--ds_config {train.ds_config!r} does not exist")
+    try:
+        check_backend_name(model.attention_backend)
+    except ValueError as error:
+        raise ValueError(f"--attention_backend: {error}") from None
+    try:
+        dtype_name(model.dtype)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+    choices = (("advantage", ESTIMATORS), ("loss_aggregation", AGGREGATIONS), ("rollout_cache", CACHE_MODES),
+               ("rollout_gather", GATHER_MODES))
+    for name, allowed in choices:
+        if getattr(grpo, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(grpo, name)!r}")
+    if grpo.num_generations < 2 and grpo.advantage in ("grpo", "rloo"):
+        raise ValueError(f"--num_generations must be >= 2 for --advantage {grpo.advantage} (got {grpo.num_generations})")
+    for name in ("max_new_tokens", "num_iterations", "logprob_chunk_size", "prompts_per_device",
+                 "gradient_accumulation_steps", "max_steps"):
+        value = getattr(grpo, name, getattr(train, name, None))
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("save_steps", "save_total_limit", "sft_warmup_steps"):
+        if getattr(train, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(train, name)}")
+    if not 0.0 < grpo.top_p <= 1.0:
+        raise ValueError(f"--top_p must be in (0, 1], got {grpo.top_p}")
+    if grpo.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {grpo.temperature}")
+    if grpo.beta < 0:
+        raise ValueError(f"--beta must be >= 0, got {grpo.beta}")
+    if grpo.rollout_prefill_chunk < 0:
+        raise ValueError(f"--rollout_prefill_chunk must be >= 0 (0 = the whole prompt at once), "
+                         f"got {grpo.rollout_prefill_chunk}")
+    if grpo.min_shared_preamble < 0:
+        raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
+
+
+def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
+    """The prompt-length curriculum the options ask for. Unset, the built-in tasks grow from
+    DEFAULT_CURRICULUM_START tokens (when --prompt_length is longer) and a --dataset has none; 0 turns it off."""
+    start = data.curriculum_start_length
+    if start is None:
+        if data.dataset is not None or data.prompt_length <= DEFAULT_CURRICULUM_START:
+            return None
+        start = DEFAULT_CURRICULUM_START
+    if start == 0:
+        return None
+    if not 0.0 < data.curriculum_fraction <= 1.0:
+        raise ValueError(f"--curriculum_fraction must be in (0, 1], got {data.curriculum_fraction}")
+    try:
+        return Curriculum(start, data.prompt_length, steps=max(1, round(data.curriculum_fraction * max_steps)))
+    except ValueError as error:
+        raise ValueError(f"--curriculum_start_length {start} (--prompt_length {data.prompt_length}): {error}") from None
+
+
+def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> int:
+    """The longest prompt + ``max_new_tokens`` (the run's longest sequence); refused past the model's positions."""
+    limit = getattr(config, "max_position_embeddings", None)
+    longest, index = longest_prompt(tokenizer, source)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt {index} of {source.name} is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
+            f"the model's max_position_embeddings ({limit})"
+        )
+    return longest + max_new_tokens

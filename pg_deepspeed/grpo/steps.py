@@ -1,0 +1,197 @@
+"""One GRPO step's work, each a function of the engines and the batch: the rollout (sample, reward, advantage), the
+fixed log-probs (old policy, reference), the update, and the supervised warm-up.
+
+Every log-prob forward (policy, old policy, reference) goes through `completion_logprobs`, prefix-grouped unless
+`--no_prefix_grouping`. Batch terms: a micro-batch is `prompts_per_device` prompts (groups) with their G completions
+each; a step samples `prompts_per_device * gradient_accumulation_steps` prompts per replica and makes
+`num_iterations` optimizer updates on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pg_deepspeed.collectives import all_mean, broadcast_from_first
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
+from pg_deepspeed.generation.sampling import generate
+from pg_deepspeed.grpo.advantages import group_advantages
+from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
+from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices, tokenize_prompts
+from pg_deepspeed.grpo.loss import grpo_loss
+from pg_deepspeed.grpo.preemption import PreemptionGuard
+from pg_deepspeed.grpo.rewards import compute_rewards
+from pg_deepspeed.layouts.packing import common_prefix_length, pack_completions
+from pg_deepspeed.models.logprobs import completion_logprobs
+
+
+@dataclass
+class Batch:
+    """One rank's rollout batch: B prompts, N = B·G completions, rows of a group consecutive."""
+
+    prompt_ids: torch.Tensor       # [B, Lp] left-padded
+    prompt_mask: torch.Tensor      # [B, Lp]
+    completion_ids: torch.Tensor   # [N, Lc] right-padded
+    completion_mask: torch.Tensor  # [N, Lc]
+    rewards: torch.Tensor          # [N]
+    advantages: torch.Tensor       # [N]
+    old_logps: torch.Tensor | None = None  # [N, Lc]
+    ref_logps: torch.Tensor | None = None  # [N, Lc]
+    cache_bytes: int = 0  # the rollout's decode cache K/V at its largest
+
+    def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
+        """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
+        return [self.micro_batch(i, train.prompts_per_device, G) for i in range(train.gradient_accumulation_steps)]
+
+    def micro_batch(self, i: int, prompts: int, G: int) -> "Batch":
+        p, c = slice(i * prompts, (i + 1) * prompts), slice(i * prompts * G, (i + 1) * prompts * G)
+        take = lambda x: None if x is None else x[c]
+        return Batch(self.prompt_ids[p], self.prompt_mask[p], self.completion_ids[c], self.completion_mask[c],
+                     self.rewards[c], self.advantages[c], take(self.old_logps), take(self.ref_logps))
+
+
+def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
+    """Tokens every prompt of the micro-batch begins with, when worth sharing (>= --min_shared_preamble), else 0."""
+    if grpo.no_prefix_grouping or grpo.min_shared_preamble == 0 or batch.prompt_ids.shape[0] < 2:
+        return 0
+    shared = common_prefix_length(batch.prompt_ids, batch.prompt_mask)
+    return shared if shared >= grpo.min_shared_preamble else 0
+
+
+def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
+    """[N, Lc] log-probs of the batch's completions, prefix-grouped (with a shared preamble once when the micro-batch
+    has one) unless --no_prefix_grouping."""
+    return completion_logprobs(
+        model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
+        temperature=grpo.temperature, prefix_grouping=not grpo.no_prefix_grouping,
+        preamble=shared_preamble(batch, grpo), chunk_size=grpo.logprob_chunk_size,
+    )
+
+
+def policy_loss(model, batch: Batch, grpo: GRPOArguments, token_count: float | None = None
+                ) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of one micro-batch (differentiable w.r.t. the policy's parameters).
+
+    token_count: token-mean's divisor (see `update`); default the micro-batch's own completion tokens.
+    """
+    logps = sequence_logprobs(model, batch, grpo)
+    old = batch.old_logps if batch.old_logps is not None else logps.detach()
+    return grpo_loss(
+        logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
+        epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
+        aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens, token_count=token_count,
+    )
+
+
+def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
+    """token-mean's divisor for each micro-batch, so that the update is the mean over every completion token of
+    the optimizer step, all ranks and micro-batches (DAPO; TRL's `dapo`), not a mean of per-micro-batch means.
+
+    DeepSpeed averages gradients over the data-parallel ranks and divides each micro-batch's loss by
+    gradient_accumulation_steps, so a micro-batch's sum is divided by the step's tokens / (ranks × micro-batches):
+    the mean over ranks of this rank's tokens, over the micro-batches. Collective: every rank calls it.
+    """
+    return all_mean({"tokens": float(batch.completion_mask.sum())})["tokens"] / train.gradient_accumulation_steps
+
+
+def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo: GRPOArguments, train: TrainArguments, step: int,
+            dims: ParallelDims, rank: int, device: torch.device, guard: PreemptionGuard) -> Batch:
+    """Sample prompts for this data-parallel replica and step, G completions each, their rewards and advantages.
+
+    Every rank of a sequence-parallel group is the same replica: same prompts, same seed, and the completions of
+    the group's first rank (so that they cannot drift apart). Raises :class:`Preempted` on every rank when a stop
+    is requested during generation."""
+    per_rank = train.prompts_per_device * train.gradient_accumulation_steps
+    replica = dims.replica(rank)
+    examples = [source.example(i) for i in batch_indices(step, replica, dims.dp, per_rank)]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
+    generator = torch.Generator().manual_seed(hash((train.seed, step, replica)) % 2**63)
+    module = policy.module
+    was_training = module.training
+    module.eval()
+    with gathered_for_generation(policy, grpo.rollout_gather):
+        out = generate(
+            guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations,
+            max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature, top_p=grpo.top_p,
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator, cache=grpo.rollout_cache,
+            prefill_chunk=grpo.rollout_prefill_chunk,
+        )
+    module.train(was_training)
+    if dims.sp > 1:
+        out.completion_ids, out.completion_mask = broadcast_from_first(
+            [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
+    G = grpo.num_generations
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    rewards = compute_rewards(
+        reward_fn, [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)]
+    )
+    rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
+    sizes = torch.full((len(examples),), G, dtype=torch.long, device=device)
+    return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, rewards,
+                 group_advantages(rewards, sizes, grpo.advantage), cache_bytes=out.cache_bytes)
+
+
+@torch.no_grad()
+def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, train: TrainArguments) -> None:
+    """Old-policy log-probs (only needed when updating more than once) and reference log-probs (beta > 0)."""
+    parts = batch.micro_batches(train, grpo.num_generations)
+    if grpo.num_iterations > 1:
+        batch.old_logps = torch.cat([sequence_logprobs(policy, p, grpo) for p in parts])
+    if reference is not None:
+        batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])  # the engine: see logprobs
+
+
+def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> dict:
+    """num_iterations passes over the batch's micro-batches; DeepSpeed steps at each accumulation boundary."""
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+    token_count = micro_batch_token_count(batch, train)
+    parts = batch.micro_batches(train, grpo.num_generations)
+    for _ in range(grpo.num_iterations):
+        for part in parts:
+            loss, stats = policy_loss(policy, part, grpo, token_count)
+            policy.backward(loss)
+            policy.step()
+            totals["loss"] += loss.item()
+            totals["kl"] += stats["kl"]
+            totals["clip_frac"] += stats["clip_frac"]
+    return {k: v / (grpo.num_iterations * len(parts)) for k, v in totals.items()}
+
+
+def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> int:
+    """Tokens one log-prob pass over the batch did not recompute: each micro-batch's packed layout's own count
+    (the G-1 repeats of every prompt, and a shared preamble's repeats), 0 with --no_prefix_grouping."""
+    if grpo.no_prefix_grouping:
+        return 0
+    G = grpo.num_generations
+    return sum(pack_completions(p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask, [G] * len(p.prompt_ids),
+                                shared_preamble(p, grpo)).layout.prefix_tokens_saved
+               for p in batch.micro_batches(train, G))
+
+
+def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,
+               rank: int, device: torch.device, first: int, stop: Callable[[], bool]) -> int:
+    """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
+
+    Polls ``stop()`` after each step; returns the number of warm-up steps done (all of them unless stopped)."""
+    eos = tokenizer.eos_token_id
+    for step in range(first, train.sft_warmup_steps):
+        for i in range(train.gradient_accumulation_steps):
+            indices = batch_indices(step * train.gradient_accumulation_steps + i, dims.replica(rank), dims.dp,
+                                    train.prompts_per_device)
+            examples = [source.example(SFT_OFFSET + j) for j in indices]
+            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
+            answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [eos] for e in examples]
+            width = max(len(a) for a in answers)
+            ids = torch.full((len(answers), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for r, a in enumerate(answers):
+                ids[r, : len(a)], mask[r, : len(a)] = torch.tensor(a, device=device), 1
+            logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1,
+                                        chunk_size=grpo.logprob_chunk_size)
+            policy.backward(-(logps * mask).sum() / mask.sum())
+            policy.step()
+        if stop():
+            return step + 1
+    return train.sft_warmup_steps

@@ -1,6 +1,6 @@
 """Stock trl.GRPOTrainer against PrefixGroupedGRPOTrainer: the same TRL run, time and peak memory of an update step.
 
-    PYTHONPATH=. python benchmarks/bench_trl.py --prompt 4096 --completion 128 --group 8      # the README's table
+    PYTHONPATH=. python benchmarks/bench_trl.py --prompt 4096 --completion 128 --group 8      # docs/trl.md's table
     PYTHONPATH=. python benchmarks/bench_trl.py --prompt 512 --completion 16 --group 4        # a quick look
 
 Each trainer runs in its own fresh process (peak RSS is per process) on the `tiny-qwen2` preset (4 layers, hidden

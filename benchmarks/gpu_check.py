@@ -9,8 +9,8 @@
 3. Runs the `cuda`-marked tests (tests/test_gpu_conformance.py: every runnable backend against `cpu`,
    outputs and gradients), recording each measured error.
 4. Runs the GPU benchmark presets of benchmarks/bench_logprobs.py: `gpu` (any GPU with 24 GB) and, on a
-   GPU with at least 70 GiB, `h100` (the README's H100 targets).
-5. Writes docs/gpu-check.md: all of the above, for the README's GPU section. Exits 1 if a test failed.
+   GPU with at least 70 GiB, `h100` (the H100 targets of docs/performance.md).
+5. Writes docs/gpu-check.md: all of the above, for docs/performance.md's GPU section. Exits 1 if a test failed.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """GPU conformance: every backend that can run on this GPU against the `cpu` backend, outputs and gradients.
 
 Marked `cuda` and skipped (with the reason) where torch sees no GPU. `make gpu-check` runs them first on
-any GPU machine and writes the figures the README quotes (set PG_GPU_FIGURES to a .jsonl path to record).
+any GPU machine and writes the figures docs/performance.md quotes (set PG_GPU_FIGURES to a .jsonl path to record).
 
 The exact answer is the `cpu` backend on CPU in float64 (itself tested against tests/reference.py to 1e-10),
 fed the same (rounded) inputs. Tolerances:

@@ -193,7 +193,7 @@ def test_a_trl_shaped_batch_with_truncated_rows():
     completion_mask = _truncate(completion_mask, [1])
     input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1)
-    with torch.no_grad():  # the drop-in of README's "Replacing a trainer's log-prob function"
+    with torch.no_grad():  # the drop-in of docs/models.md's "Replacing a trainer's log-prob function"
         logps = completion_logprobs(model, input_ids[::G, :-Lc], attention_mask[::G, :-Lc], input_ids[:, -Lc:],
                                     attention_mask[:, -Lc:], G)
         ref, _ = padded_completion_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask, G)

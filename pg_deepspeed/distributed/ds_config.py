@@ -1,21 +1,6 @@
 """Load a DeepSpeed JSON config, resolve its ``"auto"`` values from the run's arguments, and refuse contradictions.
 
-Resolved keys (any other ``"auto"`` is an error, never dropped):
-
-| key                                                | value                                   |
-|----------------------------------------------------|-----------------------------------------|
-| `train_micro_batch_size_per_gpu`                   | `micro_batch_size`                      |
-| `gradient_accumulation_steps`                      | `gradient_accumulation_steps`           |
-| `train_batch_size`                                 | micro * accumulation * data-parallel size |
-| `sequence_parallel_size`                           | `sequence_parallel_size`                |
-| `zero_optimization.reduce_bucket_size`             | hidden²                                 |
-| `zero_optimization.stage3_prefetch_bucket_size`    | int(0.9 * hidden²)                      |
-| `zero_optimization.stage3_param_persistence_threshold` | 10 * hidden                         |
-| `optimizer.params.lr`, `scheduler.params.warmup_max_lr` | `lr`                               |
-| `optimizer.params.weight_decay`                    | `weight_decay`                          |
-| `scheduler.params.warmup_num_steps`                | max(1, `warmup_steps`) (DeepSpeed needs ≥ 1) |
-| `scheduler.params.total_num_steps`                 | `total_steps`                           |
-| `bf16.enabled` / `fp16.enabled`                    | whether `dtype` is bfloat16 / float16   |
+Resolved keys: the table in docs/deepspeed.md (any other ``"auto"`` is an error, never dropped).
 
 The data-parallel size is world size / `sequence_parallel_size`. Missing batch-size keys are filled in the same
 way, and `sequence_parallel_size`. A written value that disagrees with the arguments (a batch

@@ -191,6 +191,43 @@ def test_a_logprob_chunk_below_one_is_one_line(tmp_path):
     assert "--logprob_chunk_size must be >= 1, got 0" in train_fails_with(tmp_path, "--logprob_chunk_size", "0")
 
 
+# ------------------------------------------------------------------------------ a non-finite loss
+NONFINITE_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--save_steps", "1", "--no_export", *TINY]
+
+
+def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+
+
+@pytest.mark.distributed
+def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "run"
+    result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "3",
+                           "--output_dir", str(out), env={"NAN_STEPS": "2"})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "step 2, update 1: non-finite loss on some rank; optimizer step skipped on every rank" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skips"] for r in rows] == [0, 1, 0]
+    before, skipped, after = (fp32_weights(out, f"step_{s}") for s in (1, 2, 3))
+    assert all(torch.equal(skipped[k], before[k]) for k in before)  # step 2 changed no weight
+    assert any(not torch.equal(after[k], skipped[k]) for k in before)  # step 3 trained again
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+
+
+@pytest.mark.distributed
+def test_consecutive_nan_losses_stop_the_run_before_any_checkpoint_after_them(tmp_path):
+    out = tmp_path / "run"
+    result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "5",
+                           "--max_nonfinite_steps", "2", "--output_dir", str(out), env={"NAN_STEPS": "2,3,4,5"})
+    assert result.returncode != 0
+    assert "2 consecutive optimizer steps had a non-finite loss or gradient norm (--max_nonfinite_steps 2)" in (
+        result.stdout)
+    assert tags(out) == ["step_1", "step_2"]  # step 2 was skipped (its weights are step 1's); step 3 stopped the run
+    assert all(bool(torch.isfinite(v).all()) for v in fp32_weights(out, "step_2").values())
+
+
 # ------------------------------------------------------------------------------ a kill in the middle of a save
 KILL_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--max_steps", "6", "--save_steps", "2",
              "--save_total_limit", "2", "--beta", "0.04", "--sft_warmup_steps", "2", *TINY]

@@ -122,6 +122,11 @@ class TrainArguments:
         metadata={"help": "Supervised steps on the task's answers before GRPO (0 = none; unset: "
                   f"{DEFAULT_SFT_WARMUP_STEPS} on the curriculum's first prompts when a curriculum runs, else 0)."},
     )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop the run after this many consecutive optimizer steps whose loss or gradient norm was "
+                  "NaN or inf on some rank (each is skipped on every rank; a checkpoint never holds such weights)."},
+    )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
     save_total_limit: int = field(
         default=0, metadata={"help": "Keep only the newest N complete checkpoints (0 = keep all)."}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pg_deepspeed.distributed.checkpoint import load_checkpoint, save_checkpoint
 from pg_deepspeed.grpo.args import TrainArguments
+from pg_deepspeed.grpo.nonfinite import NonFiniteStop, weights_finite
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 
 
@@ -41,6 +42,8 @@ class Checkpointer:
     def save(self, step: int, sft_step: int | None = None, rng_state: dict | None = None) -> None:
         """Save unless this point is the newest complete checkpoint already (a resume with nothing to do)."""
         if self.saved != (step, sft_step):
+            if not weights_finite(self.policy):
+                raise NonFiniteStop(f"refusing to save {describe(step, sft_step)}: the policy holds NaN or inf weights")
             save_checkpoint(self.policy, self.train.output_dir, step, {"data_position": step}, sft_step=sft_step,
                             total_limit=self.train.save_total_limit, rng_state=rng_state)
             self.saved = (step, sft_step)

@@ -96,7 +96,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
     if grpo.num_generations < 2 and grpo.advantage in ("grpo", "rloo"):
         raise ValueError(f"--num_generations must be >= 2 for --advantage {grpo.advantage} (got {grpo.num_generations})")
     for name in ("max_new_tokens", "num_iterations", "logprob_chunk_size", "prompts_per_device",
-                 "gradient_accumulation_steps", "max_steps"):
+                 "gradient_accumulation_steps", "max_steps", "max_nonfinite_steps"):
         value = getattr(grpo, name, getattr(train, name, None))
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")

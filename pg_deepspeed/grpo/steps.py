@@ -8,6 +8,7 @@ each; a step samples `prompts_per_device * gradient_accumulation_steps` prompts 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,7 @@ from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices, tokenize_prompts
 from pg_deepspeed.grpo.loss import grpo_loss
+from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 from pg_deepspeed.grpo.rewards import compute_rewards
 from pg_deepspeed.layouts.packing import common_prefix_length, pack_completions
@@ -143,20 +145,29 @@ def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, tr
         batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])  # the engine: see logprobs
 
 
-def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> dict:
-    """num_iterations passes over the batch's micro-batches; DeepSpeed steps at each accumulation boundary."""
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments, guard: NonFiniteGuard,
+           step: int) -> dict:
+    """num_iterations passes over the batch's micro-batches; DeepSpeed steps at each accumulation boundary, where
+    `guard` checks the step (a non-finite one is skipped on every rank). Returns the means of the finite
+    micro-batches' loss, kl and clip_frac (NaN when none was), and `nonfinite_skips`, the optimizer steps skipped."""
+    totals, finite_parts, skips = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, 0, 0
     token_count = micro_batch_token_count(batch, train)
     parts = batch.micro_batches(train, grpo.num_generations)
-    for _ in range(grpo.num_iterations):
+    for iteration in range(grpo.num_iterations):
+        all_finite = True
         for part in parts:
             loss, stats = policy_loss(policy, part, grpo, token_count)
-            policy.backward(loss)
+            policy.backward(loss)  # also when not finite: every rank's backward is a collective under ZeRO-3
             policy.step()
-            totals["loss"] += loss.item()
-            totals["kl"] += stats["kl"]
-            totals["clip_frac"] += stats["clip_frac"]
-    return {k: v / (grpo.num_iterations * len(parts)) for k, v in totals.items()}
+            if math.isfinite(loss.item()):
+                totals = {"loss": totals["loss"] + loss.item(), "kl": totals["kl"] + stats["kl"],
+                          "clip_frac": totals["clip_frac"] + stats["clip_frac"]}
+                finite_parts += 1
+            else:
+                all_finite = False
+        skips += guard.after_step(policy, all_finite, f"step {step}, update {iteration + 1}")
+    means = {k: v / finite_parts if finite_parts else math.nan for k, v in totals.items()}
+    return {**means, "nonfinite_skips": float(skips)}
 
 
 def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> int:
@@ -171,12 +182,13 @@ def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments
 
 
 def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,
-               rank: int, device: torch.device, first: int, stop: Callable[[], bool]) -> int:
+               rank: int, device: torch.device, first: int, stop: Callable[[], bool], guard: NonFiniteGuard) -> int:
     """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
 
     Polls ``stop()`` after each step; returns the number of warm-up steps done (all of them unless stopped)."""
     eos = tokenizer.eos_token_id
     for step in range(first, train.sft_warmup_steps):
+        all_finite = True
         for i in range(train.gradient_accumulation_steps):
             indices = batch_indices(step * train.gradient_accumulation_steps + i, dims.replica(rank), dims.dp,
                                     train.prompts_per_device)
@@ -190,8 +202,11 @@ def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, tra
                 ids[r, : len(a)], mask[r, : len(a)] = torch.tensor(a, device=device), 1
             logps = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask, 1,
                                         chunk_size=grpo.logprob_chunk_size)
-            policy.backward(-(logps * mask).sum() / mask.sum())
+            loss = -(logps * mask).sum() / mask.sum()
+            policy.backward(loss)
             policy.step()
+            all_finite &= math.isfinite(loss.item())
+        guard.after_step(policy, all_finite, f"warm-up step {step + 1}")
         if stop():
             return step + 1
     return train.sft_warmup_steps

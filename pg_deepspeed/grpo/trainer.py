@@ -22,6 +22,7 @@ from pg_deepspeed.distributed.peak_memory import PeakMemory
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from pg_deepspeed.grpo.checkpointer import Checkpointer
 from pg_deepspeed.grpo.metrics import MetricsLogger
+from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
 from pg_deepspeed.grpo.setup_checks import TrainingSetup, prepare
 from pg_deepspeed.grpo.steps import Batch, fill_fixed_logprobs, prefix_tokens_saved, rollout, sft_warmup, update
@@ -37,6 +38,7 @@ def run(setup: TrainingSetup) -> None:
     rank, device = init_ranks(setup)
     policy, reference = build_engines(setup)
     guard = PreemptionGuard()
+    nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")
     checkpointer = Checkpointer(policy, train, rank, guard)
     start = checkpointer.resume()
     logger = MetricsLogger(train.output_dir, rank=rank, total_steps=train.max_steps, start_step=start.step)
@@ -45,7 +47,7 @@ def run(setup: TrainingSetup) -> None:
 
     if start.sft_done < train.sft_warmup_steps:
         done = sft_warmup(policy, setup.tokenizer, setup.source, grpo, train, dims, rank, device, start.sft_done,
-                          guard.stop_requested)
+                          guard.stop_requested, nonfinite)
         if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
             logger.close()
             return checkpointer.stop(0, done if done < train.sft_warmup_steps else None)
@@ -61,7 +63,7 @@ def run(setup: TrainingSetup) -> None:
             return checkpointer.stop(step - 1, rng_state=at_boundary, during=f" during the rollout of step {step}")
         t_rollout = time.perf_counter() - t0
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
-        stats = update(policy, batch, grpo, train)
+        stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
                    "rollout_peak_mem_bytes": float(rollout_peak.bytes)}
         logger.log({"step": step, **step_metrics(batch, stats, timings, setup),
@@ -126,6 +128,7 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
         "accuracy": (rewards == 1.0).float().mean().item(),
         "loss": mean["loss"], "kl": mean["kl"], "clip_frac": mean["clip_frac"],
+        "nonfinite_skips": int(mean["nonfinite_skips"]),  # optimizer steps skipped (the same on every rank)
         "prompt_length": mean["prompt_length"], "completion_length": mean["completion_length"],
         "tokens_per_s": mean["tokens"] * dims.dp / mean["step_time_s"],
         "prefix_tokens_saved": int(mean["prefix_tokens_saved"] * dims.dp),

@@ -62,7 +62,8 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     import torch.distributed as dist
 
     from pg_deepspeed import completion_logprobs, patch_model
-    from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel
+    from pg_deepspeed.distributed.parallel_dims import ParallelDims
+    from pg_deepspeed.distributed.sequence_parallel import parallelize_sequence, sequence_parallel_mpu
 
     from .memory import cpu_peak_mib, cuda_peak_mib
     from .shapes import get_shape
@@ -77,9 +78,10 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "sequence_parallel_size": sp,
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
               "bf16": {"enabled": dtype == torch.bfloat16}}
-    mpu = apply_sequence_parallel(model, sp, config)
+    dims = ParallelDims(dist.get_world_size(), sp)
+    model = parallelize_sequence(model, dims, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                      config=config, mpu=mpu)
+                                      config=config, mpu=sequence_parallel_mpu(dims))
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, shape.vocab, (1, prompt), generator=g).to(device)
     completion_ids = torch.randint(3, shape.vocab, (group_size, completion), generator=g).to(device)

@@ -20,16 +20,18 @@ import os
 
 import deepspeed
 import torch
-import torch._dynamo  # noqa: F401  (before zero.Init: inside it a lazy dynamo import fails, "Signature mismatch ... tensor_pynew")
+import torch._dynamo  # noqa: F401  (before zero.Init: a lazy dynamo import inside it fails, "Signature mismatch")
+import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from pg_deepspeed.distributed.ds_config import precision, zero_stage
-from pg_deepspeed.models.patch import patch_model
-from pg_deepspeed.demo.presets import PRESETS, is_preset, preset_config
-from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel
 from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
+from pg_deepspeed.demo.presets import PRESETS, is_preset, preset_config
+from pg_deepspeed.distributed.ds_config import precision, zero_stage
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.sequence_parallel import parallelize_sequence, sequence_parallel_mpu
+from pg_deepspeed.models.patch import patch_model
 
 # Files a Hugging Face model directory holds its weights in (transformers' names).
 WEIGHT_FILES = (
@@ -106,17 +108,18 @@ def build_model(
     return patch_model(module, backend=attention_backend, max_length=max_length)
 
 
-def init_policy(model: PreTrainedModel, ds_config: dict, *, sequence_parallel_size: int = 1
+def init_policy(model: PreTrainedModel, ds_config: dict, *, dims: ParallelDims | None = None
                 ) -> deepspeed.DeepSpeedEngine:
-    """``deepspeed.initialize`` with the optimizer and LR scheduler of the config, sequence parallel over groups of
-    ``sequence_parallel_size`` ranks (sequence_parallel.py); rank 0 prints the config."""
+    """``deepspeed.initialize`` with the optimizer and LR scheduler of the config, the model parallelized over
+    `dims` (default: every rank data parallel); rank 0 prints the config."""
     if "optimizer" not in ds_config:
         raise ValueError("the DeepSpeed config has no 'optimizer' section; the policy needs one")
+    dims = dims or ParallelDims(dist.get_world_size())
     engine, *_ = deepspeed.initialize(
-        model=model,
+        model=parallelize_sequence(model, dims, ds_config),
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),
-        mpu=apply_sequence_parallel(model, sequence_parallel_size, ds_config),
+        mpu=sequence_parallel_mpu(dims),
     )
     if engine.global_rank == 0:
         print(f"[pg_deepspeed] resolved DeepSpeed config:\n{json.dumps(ds_config, indent=2)}", flush=True)
@@ -133,16 +136,17 @@ def reference_config(ds_config: dict) -> dict:
 
 
 def init_reference(
-    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None, sequence_parallel_size: int = 1,
-    attention_backend: str = "auto",
+    model: str, ds_config: dict, *, dtype: torch.dtype, max_length: int | None = None,
+    dims: ParallelDims | None = None, attention_backend: str = "auto",
 ) -> deepspeed.DeepSpeedEngine:
     """The frozen reference: same weights source, sharding and sequence parallelism as the policy, eval mode, no
     optimizer."""
     config = reference_config(ds_config)
     module = build_model(model, config, dtype=dtype, max_length=max_length, attention_backend=attention_backend)
     module.requires_grad_(False)
-    mpu = apply_sequence_parallel(module, sequence_parallel_size, config)
-    engine, *_ = deepspeed.initialize(model=module, config=config, mpu=mpu)
+    dims = dims or ParallelDims(dist.get_world_size())
+    module = parallelize_sequence(module, dims, config)
+    engine, *_ = deepspeed.initialize(model=module, config=config, mpu=sequence_parallel_mpu(dims))
     engine.eval()
     return engine
 

@@ -1,14 +1,14 @@
 """Sequence parallelism for prefix-grouped models, on DeepSpeed's Ulysses (Arctic Long Sequence Training).
 
-    model = patch_model(model)                                    # or build_model(...): patched, maybe zero.Init
-    mpu = apply_sequence_parallel(model, 2, ds_config)            # every rank; None when the size is 1
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, ...)
-    logps = completion_logprobs(engine, ...)                      # unchanged: [N, Lc], the same on each SP rank
+    dims = ParallelDims(world=dist.get_world_size(), sp=2)
+    model = parallelize_sequence(patch_model(model), dims, ds_config)   # every rank; unchanged when dims.sp == 1
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=sequence_parallel_mpu(dims), ...)
+    logps = completion_logprobs(engine, ...)                            # unchanged: [N, Lc], the same on each SP rank
 
-The `size` consecutive ranks of a sequence-parallel group share each packed row (models/sequence_shards.py): each forwards a
-contiguous slice, the attention sees the whole row for `Hq / size` heads, each rank runs the LM head on the rows
-it holds, and every rank gets all the log-probs. Give the ranks of a group the same batch; the data-parallel
-size is `world / size`.
+The `sp` consecutive ranks of a sequence-parallel group share each packed row (models/sequence_shards.py): each
+forwards a contiguous slice, the attention sees the whole row for `Hq / sp` heads, each rank runs the LM head on the
+rows it holds, and every rank gets all the log-probs. Give the ranks of a group the same batch; the data-parallel
+size is `dims.dp`.
 
 DeepSpeed's, used as is: the process groups (`parallel_state_sp`: the SP groups and the sequence-data-parallel
 group ZeRO partitions and reduces over; passed to `deepspeed.initialize` as the mpu) and the attention exchange
@@ -16,12 +16,14 @@ group ZeRO partitions and reduces over; passed to `deepspeed.initialize` as the 
 
 Ours, and why: DeepSpeed's `register_with_transformers` replaces the registered attention function for every
 call, but only a packed call with a `sequence_shard` is sharded here; generation and the unpatched fallback run
-whole on each rank. So we build `UlyssesSPAttentionHF` around the grouped attention and the patch routes sharded
-calls to it. Around it: attention sinks cut to the rank's heads, the module's `num_key_value_groups` restored
-(Ulysses rewrites it when it replicates KV heads, which would break the next unsharded call), and the gradient
-scale (:func:`gradient_scale`).
+whole on each rank. So `parallelize_sequence` builds `UlyssesSPAttentionHF` around the grouped attention and gives
+it to the patch as the model's packed attention (`set_sequence_parallel`). Around it: attention sinks cut to the
+rank's heads, the module's `num_key_value_groups` restored (Ulysses rewrites it when it replicates KV heads, which
+would break the next unsharded call), and the gradient scale (:func:`gradient_scale`).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel import parallel_state_sp
@@ -30,8 +32,73 @@ from torch import nn
 
 from pg_deepspeed.distributed.ds_config import zero_stage
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
-from pg_deepspeed.models.patch import grouped_attention_forward, unwrap_model
-from pg_deepspeed.models.sequence_shards import SequenceParallel, attach
+from pg_deepspeed.models.patch import grouped_attention_forward, set_sequence_parallel, unwrap_model
+from pg_deepspeed.models.sequence_shards import SequenceParallel, SequenceShard
+
+
+def parallelize_sequence(model: nn.Module, dims: ParallelDims, ds_config: dict | None = None) -> nn.Module:
+    """Shard `model`'s packed forwards over the sequence-parallel groups of `dims`; returns `model`.
+
+    model: a `patch_model`-ed causal LM (built under `zero.Init` or not), or a DeepSpeed engine that was
+        initialised with `sequence_parallel_mpu(dims)`. Call it on every rank, for every model that runs packed
+        forwards (the policy, a reference): they share the process groups.
+    ds_config: the config the engine is (or will be) initialised with (an engine's own by default): its ZeRO
+        stage sets the gradient scale (:func:`gradient_scale`); its `sequence_parallel_size`, if written, must
+        equal `dims.sp`.
+    """
+    hf = unwrap_model(model)
+    if getattr(hf, "_prefix_grouper", None) is None:
+        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize_sequence needs torch.distributed initialised (deepspeed.init_distributed)")
+    if dims.world != dist.get_world_size():
+        raise ValueError(f"{dims} does not describe the {dist.get_world_size()} ranks of this run")
+    dims.check_model(hf.config)
+    if ds_config is None:
+        ds_config = getattr(model, "config", None)
+        if not isinstance(ds_config, dict):
+            raise ValueError("pass the DeepSpeed config (ds_config=) that the engine is initialised with")
+    written = ds_config.get("sequence_parallel_size", dims.sp)
+    if written not in (dims.sp, "auto"):
+        raise ValueError(f"the DeepSpeed config's sequence_parallel_size is {written!r} but the size is {dims.sp}")
+    engine_size = getattr(model, "sequence_parallel_size", dims.sp)
+    if engine_size != dims.sp:
+        raise ValueError(f"the DeepSpeed engine was initialised with sequence_parallel_size {engine_size}, not "
+                         f"{dims.sp}: parallelize the model first and pass sequence_parallel_mpu(dims) to "
+                         "deepspeed.initialize")
+    if dims.sp == 1:
+        set_sequence_parallel(hf, None)
+        return model
+    group = sequence_parallel_mpu(dims).get_sequence_parallel_group()
+    rank = dist.get_rank(group)
+    set_sequence_parallel(hf, SequenceParallel(group, dims.sp, rank, _ulysses_attention(hf, group, dims.sp, rank),
+                                               gradient_scale(ds_config, dims.sp)))
+    return model
+
+
+def sequence_parallel_mpu(dims: ParallelDims):
+    """DeepSpeed's sequence-parallel process groups (`parallel_state_sp`), set up on the first call, for
+    `deepspeed.initialize(..., mpu=...)`; None when `dims.sp` is 1 (nothing to set up)."""
+    if dims.sp == 1:
+        return None
+    try:
+        current = parallel_state_sp.get_sequence_parallel_world_size()
+    except AssertionError:  # not initialised yet (DeepSpeed asserts)
+        parallel_state_sp.initialize_sequence_parallel(sequence_parallel_size=dims.sp)
+        current = dims.sp
+    if current != dims.sp:
+        raise ValueError(f"sequence parallelism is already set up with size {current}; one size per process")
+    return parallel_state_sp
+
+
+def apply_sequence_parallel(model: nn.Module, size: int, ds_config: dict | None = None):
+    """Before 0.2: `parallelize_sequence` and the mpu in one call. Kept one release; warns."""
+    warnings.warn("apply_sequence_parallel(model, size, ds_config) is now parallelize_sequence(model, dims, "
+                  "ds_config) and sequence_parallel_mpu(dims); it goes in the next release", FutureWarning,
+                  stacklevel=2)
+    dims = ParallelDims(dist.get_world_size(), size)
+    parallelize_sequence(model, dims, ds_config)
+    return sequence_parallel_mpu(dims)
 
 
 def gradient_scale(ds_config: dict, size: int) -> float:
@@ -52,8 +119,9 @@ def gradient_scale(ds_config: dict, size: int) -> float:
     return float(size)
 
 
-def _ulysses_exchange(model: nn.Module, group: dist.ProcessGroup, size: int, rank: int):
-    """The sharded attention call: Ulysses' all-to-all around the grouped attention, over the whole row."""
+def _ulysses_attention(model: nn.Module, group: dist.ProcessGroup, size: int, rank: int):
+    """The model's packed attention under sequence parallelism: a sharded call runs Ulysses' all-to-all around the
+    grouped attention over the whole row; an unsharded one (no `sequence_shard`) runs the grouped attention alone."""
     text = model.config.get_text_config()
     heads = text.num_attention_heads
 
@@ -71,57 +139,19 @@ def _ulysses_exchange(model: nn.Module, group: dist.ProcessGroup, size: int, ran
         num_hidden_layers=text.num_hidden_layers, process_group=group, seq_length_is_variable=True,
     )
 
-    def exchange(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, prefix_layout, *, sequence_shard: SequenceShard | None = None, **kwargs):
+        if sequence_shard is None:
+            return grouped_attention_forward(module, query, key, value, prefix_layout, **kwargs)
+        if sequence_shard.size != size:
+            raise ValueError(f"a sequence_shard of size {sequence_shard.size} on a model parallelized over {size}")
+        # Ulysses all-gathers the shard's position ids (it asserts they are passed); ours are the layout's, whatever
+        # the modeling code hands on
+        kwargs["position_ids"] = prefix_layout.position_ids[None, sequence_shard.start:sequence_shard.stop]
         groups = getattr(module, "num_key_value_groups", None)
         try:
-            return ulysses(module, query, key, value, attention_mask, **kwargs)
+            return ulysses(module, query, key, value, None, prefix_layout=prefix_layout, **kwargs)
         finally:
             if groups is not None:
                 module.num_key_value_groups = groups
 
-    return exchange
-
-
-def apply_sequence_parallel(model: nn.Module, size: int, ds_config: dict | None = None):
-    """Shard `model`'s packed forwards over groups of `size` consecutive ranks; returns the mpu for
-    `deepspeed.initialize(..., mpu=mpu)` (None when `size` is 1: nothing changes).
-
-    model: a `patch_model`-ed causal LM (built under `zero.Init` or not), or a DeepSpeed engine that was
-        initialised with this size's mpu. Call it on every rank, for every model that runs packed forwards (the
-        policy, a reference): they share the process groups.
-    ds_config: the config the engine is (or will be) initialised with (an engine's own by default): its ZeRO
-        stage sets the gradient scale (:func:`gradient_scale`); its `sequence_parallel_size`, if written, must
-        equal `size`.
-    """
-    hf = unwrap_model(model)
-    if getattr(hf, "_prefix_grouper", None) is None:
-        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
-    if not dist.is_initialized():
-        raise RuntimeError("apply_sequence_parallel needs torch.distributed initialised (deepspeed.init_distributed)")
-    ParallelDims(dist.get_world_size(), size).check_model(hf.config)
-    if ds_config is None:
-        ds_config = getattr(model, "config", None)
-        if not isinstance(ds_config, dict):
-            raise ValueError("pass the DeepSpeed config (ds_config=) that the engine is initialised with")
-    written = ds_config.get("sequence_parallel_size", size)
-    if written not in (size, "auto"):
-        raise ValueError(f"the DeepSpeed config's sequence_parallel_size is {written!r} but the size is {size}")
-    engine_size = getattr(model, "sequence_parallel_size", size)
-    if engine_size != size:
-        raise ValueError(f"the DeepSpeed engine was initialised with sequence_parallel_size {engine_size}, not "
-                         f"{size}: apply sequence parallelism to the model and pass the mpu to deepspeed.initialize")
-    if size == 1:
-        attach(hf, None)
-        return None
-    try:
-        current = parallel_state_sp.get_sequence_parallel_world_size()
-    except AssertionError:  # not initialised yet (DeepSpeed asserts)
-        parallel_state_sp.initialize_sequence_parallel(sequence_parallel_size=size)
-        current = size
-    if current != size:
-        raise ValueError(f"sequence parallelism is already set up with size {current}; one size per process")
-    group = parallel_state_sp.get_sequence_parallel_group()
-    rank = dist.get_rank(group)
-    attach(hf, SequenceParallel(group, size, rank, _ulysses_exchange(hf, group, size, rank),
-                                gradient_scale(ds_config, size)))
-    return parallel_state_sp
+    return attention

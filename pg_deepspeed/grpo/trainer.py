@@ -101,11 +101,11 @@ def build_engines(setup: TrainingSetup):
     options = dict(dtype=dtype, max_length=setup.max_length, attention_backend=model_args.attention_backend)
     model = build_model(model_args.model, setup.ds_config, gradient_checkpointing=model_args.gradient_checkpointing,
                         **options)
-    policy = init_policy(model, setup.ds_config, sequence_parallel_size=setup.dims.sp)
+    policy = init_policy(model, setup.ds_config, dims=setup.dims)
     if setup.grpo.beta == 0:
         return policy, None
     deepspeed.runtime.utils.set_random_seed(train.seed)  # a preset's reference gets the policy's initial weights
-    return policy, init_reference(model_args.model, setup.ds_config, sequence_parallel_size=setup.dims.sp, **options)
+    return policy, init_reference(model_args.model, setup.ds_config, dims=setup.dims, **options)
 
 
 def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup) -> dict:

@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 
 from pg_deepspeed.layouts.group import GroupSize, group_sizes
 from pg_deepspeed.layouts.packing import pack_completions
-from pg_deepspeed.models.patch import unwrap_model
-from pg_deepspeed.models.sequence_shards import SequenceParallel, SequenceShard, gather_shards, pad_layout, sequence_parallel_of
+from pg_deepspeed.models.patch import sequence_parallel_of, unwrap_model
+from pg_deepspeed.models.sequence_shards import SequenceParallel, SequenceShard, combine_shards, pad_layout
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -197,7 +197,7 @@ def _token_logprobs(model: nn.Module, hf: PreTrainedModel, ids: Tensor, layout, 
     logps, entropies = chunked_head_logprobs(head, hidden[predecessor[mine] - shard.start], ids[targets[mine]],
                                              transform, chunk_size, return_entropy,
                                              **equal_head_calls(head, int(mine.sum()), chunk_size, hidden, sp.group))
-    return gather_shards(logps, mine, sp), (gather_shards(entropies, mine, sp) if return_entropy else None)
+    return combine_shards(logps, mine, sp), (combine_shards(entropies, mine, sp) if return_entropy else None)
 
 
 def equal_head_calls(head: nn.Module, rows: int, chunk_size: int, hidden: Tensor, group=None) -> dict:
@@ -226,7 +226,7 @@ def _check_engine_sequence_parallel(model: nn.Module, sp: SequenceParallel) -> N
     engine_size = getattr(model, "sequence_parallel_size", None)
     if engine_size is not None and engine_size != sp.size:
         raise ValueError(f"the model runs sequence parallel over {sp.size} ranks but its DeepSpeed engine over "
-                         f"{engine_size}: pass the mpu that apply_sequence_parallel returns to deepspeed.initialize")
+                         f"{engine_size}: pass sequence_parallel_mpu(dims) to deepspeed.initialize")
 
 
 def _check_options(temperature: float, chunk_size: int) -> None:

@@ -22,8 +22,10 @@ window shorter than `max_length`, among others) and limits every packed call is 
 prompt + completion longer than a window; no packed row longer than a model that reads the packed
 index is exact for).
 
-The original implementation's name and the chosen backend live on every submodule as
-`_prefix_grouper` (so deep copies stay patched) and never in the config (so saving is unchanged).
+The patch's state (the original implementation's name, the backend, the call limits and, once
+`parallelize_sequence` applied it, the sequence parallelism) lives on every submodule as `_prefix_grouper`, and
+never in the config (so saving is unchanged): an attention function receives only its module, also when activation
+checkpointing recomputes a layer in backward, outside any model forward; and deep copies stay patched.
 A patched model gets its own copy of its config tree first: transformers' `from_config` hands one config
 object to every model built from it, and switching the implementation writes into that object, so
 without the copy a reference or baseline built from the same config would switch too.
@@ -35,7 +37,7 @@ import copy
 import inspect
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -47,7 +49,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from pg_deepspeed.attention import check_backend_name, prefix_grouper_attention
 from pg_deepspeed.models.transformers_compat import CACHE_NAMES
 from pg_deepspeed.layouts.group import PrefixGroupLayout
-from pg_deepspeed.models.sequence_shards import SequenceShard
+from pg_deepspeed.models.sequence_shards import SequenceParallel, SequenceShard
 from pg_deepspeed.layouts.tree import PrefixTreeLayout
 from pg_deepspeed.models.exactness import CallLimits, call_limits, unsupported_reasons
 
@@ -66,11 +68,13 @@ ATTENTION_KWARGS = frozenset({
 
 @dataclass(frozen=True)
 class PatchState:
-    """What a patched model remembers: its original attention, the grouped backend, its per-call limits."""
+    """What a patched model remembers: its original attention, the grouped backend, its per-call limits, and the
+    sequence parallelism whose attention runs its packed calls (None: `grouped_attention_forward` on each rank)."""
 
     original: str
     backend: str
     limits: CallLimits
+    sequence_parallel: SequenceParallel | None = None
 
 
 @dataclass(frozen=True)
@@ -135,38 +139,27 @@ def prefix_grouper_attention_forward(
     value: Tensor,
     attention_mask: Tensor | None,
     prefix_layout: PrefixGroupLayout | PrefixTreeLayout | None = None,
-    sequence_shard: SequenceShard | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """The registered attention function. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None).
 
     Without `prefix_layout` it is exactly the model's original implementation, unless a decode step passes
-    `shared_prefix=` (a `cache.SharedPrefixCache`), whose attention merges each group's prompt held once. With a
-    `sequence_shard` the tensors hold the shard's L tokens and the call goes through the model's sequence-parallel
-    exchange, which runs :func:`grouped_attention_forward` on the whole sequence for a share of the heads
-    (sequence_shards.py).
+    `shared_prefix=` (a `SharedPrefixCache`), whose attention merges each group's prompt held once. With it, the
+    packed call runs :func:`grouped_attention_forward`, or the sequence parallelism's attention when
+    `parallelize_sequence` gave the model one (a `sequence_shard=` in kwargs is for that one to read).
     """
     shared_prefix = kwargs.pop("shared_prefix", None)
     if shared_prefix is not None:
         return shared_prefix.attend(module, query, key, value, attention_mask, **kwargs)
     if prefix_layout is None:
-        if sequence_shard is not None:
-            raise ValueError("sequence_shard needs a prefix_layout")
         state = getattr(module, "_prefix_grouper", None)
         original = state.original if state is not None else _original_of_unpatched(module)
         return _original_attention(module, original)(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None:  # our mask function builds none under a layout: this one is the module's own
         raise ValueError(f"{type(module).__name__} builds its own attention mask, which a prefix_layout cannot honour")
-    if sequence_shard is None:
-        return grouped_attention_forward(module, query, key, value, prefix_layout, **kwargs)
-    sp = getattr(module, "_prefix_grouper_sp", None)
-    if sp is None or sp.size != sequence_shard.size:
-        raise ValueError(f"a sequence_shard of size {sequence_shard.size} needs the model's sequence parallelism "
-                         f"of that size (pg_deepspeed.distributed.sequence_parallel.apply_sequence_parallel)")
-    # the exchange all-gathers the shard's position ids (DeepSpeed's Ulysses asserts they are passed); ours are
-    # the layout's, whatever the modeling code hands on
-    kwargs["position_ids"] = prefix_layout.position_ids[None, sequence_shard.start:sequence_shard.stop]
-    return sp.exchange(module, query, key, value, None, prefix_layout=prefix_layout, **kwargs)
+    sp = _state_of(module).sequence_parallel
+    attend = grouped_attention_forward if sp is None else sp.attention
+    return attend(module, query, key, value, prefix_layout, **kwargs)
 
 
 def grouped_attention_forward(
@@ -179,6 +172,9 @@ def grouped_attention_forward(
 ) -> tuple[Tensor, None]:
     """Prefix-grouped attention over the whole packed row. query: [1, Hq, T, D] -> ([1, T, Hq, D], None)."""
     state = _state_of(module)
+    if kwargs.get("sequence_shard") is not None:
+        raise ValueError("a sequence_shard needs the model's sequence parallelism "
+                         "(pg_deepspeed.distributed.sequence_parallel.parallelize_sequence)")
     if query.shape[0] != 1:
         raise ValueError(f"a prefix_layout forward takes one packed row, got a batch of {query.shape[0]}")
     if query.shape[2] != prefix_layout.num_tokens:
@@ -307,6 +303,11 @@ def _give_private_config(model: PreTrainedModel) -> None:
             module.config = twins[id(config)]
 
 
+def _set_state(hf: PreTrainedModel, state: PatchState) -> None:
+    for module in hf.modules():
+        module._prefix_grouper = state
+
+
 # ---------------------------------------------------------------------------------------------- public
 def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | None = None) -> nn.Module:
     """Make `model` (a transformers causal LM, or a DeepSpeed engine around one) prefix-group on request.
@@ -327,7 +328,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
     if reasons:
         raise ValueError(f"cannot prefix-group {type(hf).__name__}: " + "; ".join(reasons))
 
-    patched = getattr(hf, "_prefix_grouper", None)
+    patched: PatchState | None = getattr(hf, "_prefix_grouper", None)
     current = hf.config._attn_implementation
     if current != ATTN_NAME:
         original = current
@@ -335,12 +336,13 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
         original = patched.original if patched is not None else _state_of_config(hf.config).original
     if patched is None:
         _give_private_config(hf)
-    state = PatchState(original=original, backend=backend, limits=call_limits(text))
+    state = PatchState(original=original, backend=backend, limits=call_limits(text),
+                       sequence_parallel=patched.sequence_parallel if patched is not None else None)
 
     AttentionInterface.register(ATTN_NAME, prefix_grouper_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, prefix_grouper_mask)
+    _set_state(hf, state)
     for module in hf.modules():
-        module._prefix_grouper = state
         if isinstance(module, PreTrainedModel) and not hasattr(module, "_prefix_grouper_tokens"):
             module._prefix_grouper_tokens = []
             module.register_forward_pre_hook(_enter, with_kwargs=True)
@@ -349,3 +351,19 @@ def patch_model(model: nn.Module, *, backend: str = "auto", max_length: int | No
         hf.set_attn_implementation(ATTN_NAME)
     _remember_config(hf.config, state)
     return model
+
+
+def sequence_parallel_of(model: nn.Module) -> SequenceParallel | None:
+    """The sequence parallelism a patched model's packed calls run under (None: each rank forwards the whole row)."""
+    state = getattr(unwrap_model(model), "_prefix_grouper", None)
+    return None if state is None else state.sequence_parallel
+
+
+def set_sequence_parallel(model: nn.Module, sp: SequenceParallel | None) -> None:
+    """Run a patched model's packed calls under `sp` (its `attention` instead of `grouped_attention_forward`);
+    the distributed layer's `parallelize_sequence` calls it."""
+    hf = unwrap_model(model)
+    state = getattr(hf, "_prefix_grouper", None)
+    if state is None:
+        raise ValueError(f"{type(hf).__name__} is not patched; call pg_deepspeed.patch_model(model) first")
+    _set_state(hf, replace(state, sequence_parallel=sp))

@@ -10,11 +10,11 @@ group share one packed row `[1, T]`:
 | attention                    | all Tp tokens for Hq / size heads                  | Ulysses' all-to-all around   |
 |                              |                                                    | the grouped attention        |
 | LM head                      | the completion-predicting rows among its L         | `logprobs._token_logprobs`   |
-| log-probs                    | all R of them                                      | `gather_shards`              |
+| log-probs                    | all R of them                                      | `combine_shards`             |
 
 The pad is its own root segment, so no real token attends to it and it attends to no real token. Every rank
 builds the same (full, padded) layout; a prompt may be split across ranks, the attention sees it whole.
-This module is torch only: the distributed layer attaches a :class:`SequenceParallel` to a patched model.
+This module is torch only: the distributed layer builds a :class:`SequenceParallel` and the patch keeps it.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from pg_deepspeed.layouts.group import PrefixGroupLayout
 from pg_deepspeed.layouts.tree import PrefixTreeLayout
@@ -58,31 +58,21 @@ class SequenceShard:
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """What a patched model needs to run its packed forwards sharded (attached by the distributed layer).
+    """What a patched model needs to run its packed forwards sharded (built by the distributed layer's
+    `parallelize_sequence`, kept in the patch's state).
 
-    exchange: `(module, query, key, value, attention_mask, **kwargs) -> (out [1, L, Hq*D], None)`, an attention
-        function over the local shard (q: [1, Hq, L, D]) that runs the grouped attention on the whole sequence
-        for a share of the heads (DeepSpeed's Ulysses all-to-all).
-    grad_scale: what the backward of `gather_shards` multiplies by, so that the gradients the engine reduces over
+    attention: `(module, query, key, value, prefix_layout, *, sequence_shard=None, **kwargs) -> (out, None)`, the
+        model's packed attention: with a shard, q: [1, Hq, L, D] holds the rank's L tokens and the grouped attention
+        runs on the whole sequence for a share of the heads (DeepSpeed's Ulysses all-to-all); without, the whole row.
+    grad_scale: what the backward of `combine_shards` multiplies by, so that the gradients the engine reduces over
         the group add up to the unsharded gradient (see `sequence_parallel.gradient_scale`).
     """
 
     group: dist.ProcessGroup
     size: int
     rank: int
-    exchange: Callable
+    attention: Callable
     grad_scale: float = 1.0
-
-
-def attach(model: nn.Module, sp: SequenceParallel | None) -> None:
-    """Record `sp` on every submodule of `model` (as the patch records its state, so that copies keep it)."""
-    for module in model.modules():
-        module._prefix_grouper_sp = sp
-
-
-def sequence_parallel_of(model: nn.Module) -> SequenceParallel | None:
-    sp = getattr(model, "_prefix_grouper_sp", None)
-    return sp if sp is not None and sp.size > 1 else None
 
 
 def pad_layout(layout: Layout, multiple: int) -> Layout:
@@ -98,7 +88,7 @@ def pad_layout(layout: Layout, multiple: int) -> Layout:
     return PrefixTreeLayout.from_parents(parents + [-1], lengths + [pad], device=layout.device)
 
 
-class _GatherShards(torch.autograd.Function):
+class _CombineShards(torch.autograd.Function):
     """Each rank holds the values of some of R positions; every rank gets all R.
 
     forward:  y = sum_r scatter_r(x_r)  (an all-reduce of disjoint parts: exact)
@@ -121,6 +111,6 @@ class _GatherShards(torch.autograd.Function):
         return grad[mine] * ctx.grad_scale, None, None, None
 
 
-def gather_shards(x: Tensor, mine: Tensor, sp: SequenceParallel) -> Tensor:
+def combine_shards(x: Tensor, mine: Tensor, sp: SequenceParallel) -> Tensor:
     """x: [M] this rank's values at the positions where `mine` ([R] bool) is True -> [R], the same on every rank."""
-    return _GatherShards.apply(x, mine, sp.group, sp.grad_scale)
+    return _CombineShards.apply(x, mine, sp.group, sp.grad_scale)

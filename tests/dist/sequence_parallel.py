@@ -28,7 +28,8 @@ from reference import padded_completion_logprobs, tiny_causal_lm, tiny_gpt_oss  
 from pg_deepspeed import completion_logprobs, patch_model  # noqa: E402
 from pg_deepspeed.layouts.packing import pack_completions  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
-from pg_deepspeed.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
+from pg_deepspeed.distributed.parallel_dims import ParallelDims  # noqa: E402
+from pg_deepspeed.distributed.sequence_parallel import parallelize_sequence, sequence_parallel_mpu  # noqa: E402
 from zero3_train import full_weights  # noqa: E402
 
 LR, MICRO_BATCHES = 0.5, 2
@@ -123,10 +124,11 @@ def main() -> None:
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": MICRO_BATCHES, "sequence_parallel_size": "auto",
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
               "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-    mpu = apply_sequence_parallel(model, args.sp, config)
+    dims = ParallelDims(dist.get_world_size(), args.sp)
+    model = parallelize_sequence(model, dims, config)
     config["sequence_parallel_size"] = args.sp
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                      config=config, mpu=mpu)
+                                      config=config, mpu=sequence_parallel_mpu(dims))
 
     batches, logps, losses = replica_batches(replica, args.sp), [], []
     for batch in batches:

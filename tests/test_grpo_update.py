@@ -80,7 +80,7 @@ def worst_grad_error(grads, expected) -> float:
 @pytest.mark.parametrize("prefix_grouping", [True, False])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
 def test_first_update_equals_the_standard_forwards_loss_and_gradients(model, reference, aggregation, prefix_grouping):
-    """Prefix-grouped and `--no_prefix_grouping` alike: the loss within 1e-5 and every gradient within 1e-4 (float32)."""
+    """Prefix-grouped and `--no_prefix_grouping` alike: loss within 1e-5, every gradient within 1e-4 (float32)."""
     batch = random_batch()
     grpo = GRPOArguments(num_generations=4, beta=0.04, loss_aggregation=aggregation, max_new_tokens=7,
                          temperature=TEMPERATURE, no_prefix_grouping=not prefix_grouping)

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pg_deepspeed import PrefixGroupLayout, prefix_grouper_attention
-from pg_deepspeed.attention import cpu
+from pg_deepspeed.attention import BACKENDS, cpu
 from reference import repeated_prefix_attention
 
 
@@ -84,9 +84,37 @@ def test_sinks_of_the_wrong_shape_are_refused():
         prefix_grouper_attention(q, k, v, layout, sinks=torch.zeros(2))
 
 
+class CountingBackend:
+    """A backend module passed through unchanged, recording each kernel call: (direction, causal, cu_q, cu_k)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def available(self, device, dtype):
+        return self.module.available(device, dtype)
+
+    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        self.calls.append(("forward", causal, cu_q.tolist(), cu_k.tolist()))
+        return self.module.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+        self.calls.append(("backward", causal, cu_q.tolist(), cu_k.tolist()))
+        return self.module.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def test_single_member_groups_take_one_causal_pass_over_each_prefix_and_suffix(monkeypatch):
+    """The standard forward (every group of size 1): one causal kernel call each way, one sequence per
+    [prefix ; suffix], and no cross pass."""
+    backend = CountingBackend(BACKENDS["cpu"])
+    monkeypatch.setitem(BACKENDS, "cpu", backend)
+    run_both([70, 3, 150], [[20], [1], [64]], 4, 2, 32, torch.float64)
+    whole_sequences = [0, 70 + 20, 90 + 3 + 1, 94 + 150 + 64]
+    assert backend.calls == [("forward", True, whole_sequences, whole_sequences),
+                             ("backward", True, whole_sequences, whole_sequences)]
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_single_member_groups_take_one_causal_pass_and_match_reference(dtype, tol):
-    """The standard forward (every group of size 1) runs one causal pass per [prefix ; suffix]."""
+def test_single_member_groups_match_reference(dtype, tol):
     ours, ref = run_both([70, 3, 150], [[20], [1], [64]], 4, 2, 32, dtype)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         assert rel_err(a.double(), b) <= tol, name

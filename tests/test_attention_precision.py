@@ -71,8 +71,9 @@ def weighted_block_stores(n: int, block: int) -> float:
 
 def rounding_bounds(layout: PrefixGroupLayout, grouped_query_heads: bool) -> dict[str, float]:
     """λ · √R · u/√3 for out, dq, dk, dv (R as in the module docstring), the longest reduction of the layout."""
-    longest_keys = max(layout.max_seqlen, layout.max_prefix)        # keys per query row, either pass
-    query_counts = (layout.max_seqlen, layout.max_suffix_block)     # queries per key row: causal, cross pass
+    plan = layout.plan
+    longest_keys = max(plan.max_causal, plan.max_cross_k)      # keys per query row, either pass
+    query_counts = (plan.max_causal, plan.max_cross_q)         # queries per key row: causal, cross pass
     kv_blocks = max(weighted_block_stores(n, query_block(n)) for n in query_counts)
     stores = {
         "out": 3,

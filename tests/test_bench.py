@@ -139,13 +139,38 @@ def test_forest_work_by_hand_and_the_two_level_counts_agree():
     assert standard.total == pytest.approx(flop_count(shape, 2048, 128, 3, grouped=False).total, rel=1e-12)
 
 
-def test_tree_benchmark_smoke_run_writes_its_table(tmp_path):
-    """The three variants agree (checked inside) and the tree's FLOP limit exceeds two levels'."""
+def tree_preset_flops(p, shape: ModelShape) -> dict[str, float]:
+    """Forward+backward FLOPs (3x forward) of bench_tree's three variants, counted here from the preset's lengths:
+    the linears per token, the attention per attended pair, the LM head per completion token."""
+    B, n, q, G, S = p.prompts, p.preamble, p.question, p.group_size, p.completion
+    pairs = lambda k, above: k * above + k * (k + 1) // 2  # k tokens causally over themselves, fully over `above`
+    tokens_and_pairs = {
+        "standard": (B * G * (n + q + S), B * G * pairs(n + q + S, 0)),
+        "two_level": (B * (n + q + G * S), B * (pairs(n + q, 0) + G * pairs(S, n + q))),
+        "tree": (n + B * (q + G * S), pairs(n, 0) + B * (pairs(q, n) + G * pairs(S, n + q))),
+    }
+    head = B * G * S * 2 * shape.hidden * shape.vocab
+    return {v: 3.0 * (t * linear_flops_per_token(shape) + a * attention_flops_per_pair(shape) + head)
+            for v, (t, a) in tokens_and_pairs.items()}
+
+
+def test_tree_benchmark_smoke_run_reports_flops_of_its_lengths_and_ratios_of_its_own_medians(tmp_path):
+    """The three variants agree (checked inside); each row's GFLOP is its forest's, its FLOP limits are those
+    FLOPs' ratios, and its speedups are ratios of the medians in the same table."""
     from benchmarks import bench_tree
 
-    rows = bench_tree.run(bench_tree.PRESETS["smoke"], threads=1)
-    limits = {r["variant"]: r["flop_limit"] for r in rows}
-    assert limits["standard"] == 1.0 and limits["tree"] > limits["two_level"] > 1.0
+    preset = bench_tree.PRESETS["smoke"]
+    rows = {r["variant"]: r for r in bench_tree.run(preset, threads=1)}
+    flops = tree_preset_flops(preset, get_shape(preset.shape))
+    ms = {v: r["median_ms"] for v, r in rows.items()}
+    for v, r in rows.items():
+        assert r["gflop"] == pytest.approx(flops[v] / 1e9, rel=1e-12), v
+        assert r["flop_limit"] == pytest.approx(flops["standard"] / flops[v], rel=1e-12), v
+        assert r["flop_limit_vs_two_level"] == pytest.approx(flops["two_level"] / flops[v], rel=1e-12), v
+        assert r["x_standard"] == pytest.approx(ms["standard"] / ms[v], rel=1e-12), v
+        assert r["x_two_level"] == pytest.approx(ms["two_level"] / ms[v], rel=1e-12), v
+        assert r["pct_of_limit"] == pytest.approx(100 * r["x_standard"] / r["flop_limit"], rel=1e-12), v
+    assert rows["tree"]["flop_limit"] > rows["two_level"]["flop_limit"] > 1.0
     bench_tree.main(["--preset", "smoke", "--out", str(tmp_path)])
     assert "| tree |" in (tmp_path / "tree_smoke.md").read_text()
 
@@ -160,15 +185,29 @@ def test_sequence_parallel_benchmark_smoke_run_writes_its_table(tmp_path):
 
 
 def test_rollout_benchmark_smoke_run_writes_its_table_and_plot(tmp_path):
-    """Three variants (shared cache, repeated cache, stock generate), each in its own process, side by side."""
+    """Three variants (shared cache, repeated cache, stock generate), each in its own process, side by side; the
+    derived columns are ratios of the measured ones, and the K/V columns are the shape's."""
+    from benchmarks import bench_rollout
+
     cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--preset", "smoke", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "bench_rollout.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     assert [line["variant"] for line in lines] == ["shared", "repeat", "stock"]
-    numbers = [float(line[c]) for line in lines for c in ("median_s", "tokens_per_s", "speed_vs_stock")]
-    assert all(math.isfinite(x) and x > 0 for x in numbers) and all(float(line["peak_mib"]) >= 0 for line in lines)
-    assert float(lines[2]["speed_vs_stock"]) == 1.0
+    rows = {line["variant"]: {k: float(x) for k, x in line.items() if k != "variant"} for line in lines}
+    assert all(math.isfinite(r["median_s"]) and r["median_s"] > 0 for r in rows.values())
+    for v, r in rows.items():  # the derived columns are the measured ones' ratios, in the same table
+        B, G, T = r["prompts"], r["group_size"], r["new_tokens"]
+        assert r["tokens_per_s"] == pytest.approx(B * G * T / r["median_s"], rel=1e-12), v
+        assert r["speed_vs_stock"] == pytest.approx(rows["stock"]["median_s"] / r["median_s"], rel=1e-12), v
+        assert r["peak_vs_repeat"] == pytest.approx(r["peak_mib"] / rows["repeat"]["peak_mib"], rel=1e-12), v
+    # K/V held at the end, from the shape: the last sampled token is never fed back, so T - 1 per sample
+    shape = get_shape(bench_rollout.PRESETS["smoke"].shape)
+    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * 4  # K and V, float32
+    B, P, G, T = (int(rows["shared"][k]) for k in ("prompts", "prompt_len", "group_size", "new_tokens"))
+    assert rows["shared"]["kv_mib"] * 2**20 == (B * P + B * G * (T - 1)) * per_token  # each prompt once
+    for v in ("repeat", "stock"):
+        assert rows[v]["kv_mib"] * 2**20 == B * G * (P + T - 1) * per_token, v  # each prompt G times
     assert (tmp_path / "bench_rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| shared |" in (tmp_path / "bench_rollout.md").read_text()

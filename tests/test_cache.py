@@ -188,7 +188,8 @@ def test_a_negative_prefill_chunk_is_refused():
         _generate(tiny_causal_lm("llama"), *_prompts(0), 2, "shared", prefill_chunk=-1)
 
 
-def test_equal_group_sizes_and_the_same_seed_give_the_same_completions():
+def test_equal_group_sizes_give_the_same_completions_and_logits_in_the_shared_and_repeated_caches():
+    """One int G for every prompt: the shared cache's equal-size path (samples reshaped to groups, no padding)."""
     model = patch_model(tiny_causal_lm("llama"))
     ids, mask = _prompts(3)
     a, b = (_generate(model, ids, mask, 4, mode, seed=7, steps=8) for mode in ("shared", "repeat"))

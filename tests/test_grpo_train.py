@@ -44,7 +44,7 @@ def test_short_two_rank_run_writes_metrics_checkpoint_export_and_plot(tmp_path):
         assert r["world_size"] == 2
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in KEYS)
         assert r["prefix_tokens_saved"] > 0
-        assert r["rollout_tokens_per_s"] > 0 and r["rollout_cache_bytes"] > 0 and r["rollout_peak_mem_bytes"] >= 0
+        assert r["rollout_tokens_per_s"] > 0 and r["rollout_cache_bytes"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
     assert (out / "checkpoints" / "step_2").is_dir()
     assert (out / "export" / "config.json").is_file() and (out / "export" / "model.safetensors").is_file()

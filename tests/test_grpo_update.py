@@ -1,4 +1,9 @@
-"""The GRPO update and rollout on a real tiny model, in one process, and token-mean on two launcher ranks."""
+"""The GRPO update and rollout on a real tiny model, in one process, and token-mean on two launcher ranks.
+
+The update's loss and gradients are compared with the same GRPO loss over the standard forward: tests/reference.py's
+padded batch (each prompt repeated beside its completions) through the unpatched model.
+"""
+import copy
 import json
 
 import pytest
@@ -8,16 +13,26 @@ from transformers import AutoModelForCausalLM
 from pg_deepspeed import patch_model
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments
+from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.generation.sampling import generate
 from pg_deepspeed.grpo.steps import Batch, policy_loss, shared_preamble
 from pg_deepspeed.demo.presets import preset_config
 from conftest import run_deepspeed
+from reference import padded_completion_logprobs
+
+TEMPERATURE = 0.7  # not 1, so that the log-probs' temperature is checked too
 
 
 @pytest.fixture(scope="module")
-def model():
+def reference():
+    """The tiny preset, unpatched."""
     torch.manual_seed(0)
-    return patch_model(AutoModelForCausalLM.from_config(preset_config("tiny-qwen2"), dtype=torch.float32))
+    return AutoModelForCausalLM.from_config(preset_config("tiny-qwen2"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def model(reference):
+    return patch_model(copy.deepcopy(reference))
 
 
 def random_batch(G=4, B=3, Lp=40, Lc=7, seed=0) -> Batch:
@@ -43,21 +58,42 @@ def loss_and_grads(model, batch, grpo):
     return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def standard_loss_and_grads(reference, batch, grpo):
+    """The same GRPO loss over the standard forward: the padded batch through the unpatched model."""
+    reference.zero_grad()
+    logps, _ = padded_completion_logprobs(reference, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                          batch.completion_mask, grpo.num_generations, temperature=grpo.temperature)
+    loss, stats = grpo_loss(
+        logps, batch.old_logps, batch.ref_logps, batch.advantages, batch.completion_mask, epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high, beta=grpo.beta, aggregation=grpo.loss_aggregation,
+        max_completion_length=grpo.max_new_tokens,
+    )
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in reference.named_parameters()}
+
+
+def worst_grad_error(grads, expected) -> float:
+    assert grads.keys() == expected.keys()
+    return max(((grads[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
+
+
+@pytest.mark.parametrize("prefix_grouping", [True, False])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
-def test_first_update_same_with_and_without_prefix_grouping(model, aggregation):
-    """A/B: the grouped and the standard forward give the same loss and gradients (float32)."""
+def test_first_update_equals_the_standard_forwards_loss_and_gradients(model, reference, aggregation, prefix_grouping):
+    """Prefix-grouped and `--no_prefix_grouping` alike: loss within 1e-5, every gradient within 1e-4 (float32)."""
     batch = random_batch()
-    kw = dict(num_generations=4, beta=0.04, loss_aggregation=aggregation, max_new_tokens=7)
-    loss_a, stats_a, grads_a = loss_and_grads(model, batch, GRPOArguments(**kw))
-    loss_b, stats_b, grads_b = loss_and_grads(model, batch, GRPOArguments(**kw, no_prefix_grouping=True))
-    assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_b)
-    assert stats_a["clip_frac"] == stats_b["clip_frac"]
-    worst = max(((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()).item() for n in grads_b)
-    assert worst <= 1e-4
+    grpo = GRPOArguments(num_generations=4, beta=0.04, loss_aggregation=aggregation, max_new_tokens=7,
+                         temperature=TEMPERATURE, no_prefix_grouping=not prefix_grouping)
+    loss, stats, grads = loss_and_grads(model, batch, grpo)
+    expected_loss, expected_stats, expected_grads = standard_loss_and_grads(reference, batch, grpo)
+    assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
+    assert stats["clip_frac"] == expected_stats["clip_frac"]
+    assert worst_grad_error(grads, expected_grads) <= 1e-4
 
 
-def test_a_preamble_shared_by_the_micro_batch_is_used_and_changes_nothing(model):
-    """Prompts that all begin with one system prompt: the trainer shares it once (three levels), same update."""
+def test_a_preamble_shared_by_the_micro_batch_is_used_and_changes_nothing(model, reference):
+    """Prompts that all begin with one system prompt: the trainer shares it once (three levels); the loss and
+    gradients are the standard forward's (1e-5, 1e-4)."""
     batch = random_batch(B=3, Lp=40)
     preamble = torch.randint(4, 100, (24,), generator=torch.Generator().manual_seed(7))
     ids, mask = torch.zeros(3, 64, dtype=torch.long), torch.zeros(3, 64, dtype=torch.long)
@@ -65,14 +101,14 @@ def test_a_preamble_shared_by_the_micro_batch_is_used_and_changes_nothing(model)
         prompt = torch.cat([preamble, batch.prompt_ids[row][batch.prompt_mask[row] == 1]])
         ids[row, 64 - len(prompt):], mask[row, 64 - len(prompt):] = prompt, 1
     batch.prompt_ids, batch.prompt_mask = ids, mask
-    kw = dict(num_generations=4, beta=0.04, max_new_tokens=7)
+    kw = dict(num_generations=4, beta=0.04, max_new_tokens=7, temperature=TEMPERATURE)
     shared = GRPOArguments(**kw, min_shared_preamble=16)
     assert shared_preamble(batch, shared) >= 24
     assert shared_preamble(batch, GRPOArguments(**kw, min_shared_preamble=0)) == 0
-    loss_a, _, grads_a = loss_and_grads(model, batch, shared)
-    loss_b, _, grads_b = loss_and_grads(model, batch, GRPOArguments(**kw, no_prefix_grouping=True))
-    assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_b)
-    assert max(((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()).item() for n in grads_b) <= 1e-4
+    loss, _, grads = loss_and_grads(model, batch, shared)
+    expected_loss, _, expected_grads = standard_loss_and_grads(reference, batch, shared)
+    assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
+    assert worst_grad_error(grads, expected_grads) <= 1e-4
 
 
 @pytest.mark.parametrize("cache", ["shared", "repeat"])

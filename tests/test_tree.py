@@ -69,24 +69,41 @@ def test_a_deep_chain_and_a_wide_fan_are_exact():
         assert rel_err(a, b) <= 1e-10, name
 
 
-def test_two_level_and_tree_layouts_of_one_batch_give_identical_results():
-    prefix, suffix = [50, 8, 20], [[5, 1, 17], [9], [40, 3]]
-    two_level = PrefixGroupLayout.from_lengths(prefix, suffix)
+TWO_LEVEL_BATCH = ([50, 8, 20], [[5, 1, 17], [9], [40, 3]])
+
+
+def depth_one_forest(prefix, suffix):
+    """(parents, lengths) of a two-level batch written out by hand: each prompt a root, its completions children."""
     parents, lengths = [], []
     for p, members in zip(prefix, suffix):
         root = len(parents)
         parents += [-1] + [root] * len(members)
         lengths += [p, *members]
+    return parents, lengths
+
+
+def test_a_two_level_layout_is_the_depth_one_tree_of_its_prompts_and_completions():
+    """Its segments are that forest, and its positions and predecessors are the ones the tree layout gives it."""
+    two_level = PrefixGroupLayout.from_lengths(*TWO_LEVEL_BATCH)
+    parents, lengths = depth_one_forest(*TWO_LEVEL_BATCH)
     tree = PrefixTreeLayout.from_parents(parents, lengths)
-    assert torch.equal(tree.position_ids, two_level.position_ids)
+    assert two_level.segments() == (parents, lengths)
+    assert torch.equal(two_level.position_ids, tree.position_ids)
+    assert torch.equal(two_level.predecessor, tree.predecessor)
+
+
+def test_two_level_attention_equals_every_path_of_the_depth_one_tree_alone_in_float64_within_1e_10():
+    prefix, suffix = TWO_LEVEL_BATCH
+    layout = PrefixGroupLayout.from_lengths(prefix, suffix)
+    parents, lengths = depth_one_forest(prefix, suffix)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(tree.num_tokens, 4, 32, requires_grad=True) for _ in range(3))
-    dout = torch.randn(tree.num_tokens, 4, 32)
-    results = []
-    for layout in (two_level, tree):
-        out = prefix_grouper_attention(q, k, v, layout, backend="cpu")
-        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    q, k, v = (torch.randn(layout.num_tokens, 4, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dout = torch.randn(layout.num_tokens, 4, 32, dtype=torch.float64)
+    ours = prefix_grouper_attention(q, k, v, layout, backend="cpu")
+    ref = tree_path_attention(q, k, v, parents, lengths)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (ours, *torch.autograd.grad(ours, (q, k, v), dout)),
+                          (ref, *torch.autograd.grad(ref, (q, k, v), dout))):
+        assert rel_err(a, b) <= 1e-10, name
 
 
 def test_positions_continue_where_the_parent_ends():

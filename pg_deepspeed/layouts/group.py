@@ -47,13 +47,9 @@ class PrefixGroupLayout:
     | prefix_lens      | [B]     | P_g                                                            |
     | suffix_lens      | [N]     | S_n, members in group order                                    |
     | group_sizes      | [B]     | G_g                                                            |
-    | member_group     | [N]     | group of each member                                           |
     | position_ids     | [T]     | 0..P_g-1 on a prefix, P_g..P_g+S_n-1 on a suffix               |
-    | prefix_index     | [Tp]    | packed positions of prefix tokens (the cross-pass keys)        |
-    | suffix_index     | [Ts]    | packed positions of suffix tokens (the cross-pass queries)     |
+    | suffix_index     | [Ts]    | packed positions of suffix tokens                              |
     | cu_seqlens       | [B+N+1] | int32 offsets of the causal segments (each prefix, each suffix)|
-    | cu_prefix        | [B+1]   | int32 offsets of each group's keys within prefix_index         |
-    | cu_suffix        | [B+1]   | int32 offsets of each group's queries within suffix_index      |
     | cu_groups        | [B+1]   | int32 offsets of each whole group in the packed order          |
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
@@ -64,22 +60,14 @@ class PrefixGroupLayout:
     prefix_lens: Tensor
     suffix_lens: Tensor
     group_sizes: Tensor
-    member_group: Tensor
     position_ids: Tensor
-    prefix_index: Tensor
     suffix_index: Tensor
     cu_seqlens: Tensor
-    cu_prefix: Tensor
-    cu_suffix: Tensor
     cu_groups: Tensor
     suffix_row: Tensor
     suffix_col: Tensor
     prompt_start: Tensor
     max_seqlen: int
-    max_prefix: int
-    max_suffix_block: int
-    max_group: int
-    single_member: bool
     completion_width: int
     num_tokens: int
     predecessor: Tensor
@@ -100,7 +88,7 @@ class PrefixGroupLayout:
     @property
     def longest_path(self) -> int:
         """The longest prompt + completion: the longest sequence any token's attention spans."""
-        return int((self.prefix_lens[self.member_group] + self.suffix_lens).max())
+        return int((self.prefix_lens.repeat_interleave(self.group_sizes) + self.suffix_lens).max())
 
     def segments(self) -> tuple[list[int], list[int]]:
         """(parents, lengths) of the packed segments, in packed order: each group's prefix (a root), then its G
@@ -246,7 +234,6 @@ class PrefixGroupLayout:
         local = torch.arange(T, **i64) - seg_offset[seg_of_token]
         position_ids = local + seg_pos0[seg_of_token]
         is_prefix = seg_is_prefix[seg_of_token]
-        prefix_index = torch.nonzero(is_prefix).squeeze(1)
         suffix_index = torch.nonzero(~is_prefix).squeeze(1)
 
         suffix_row = seg_row[seg_of_token[suffix_index]]
@@ -257,22 +244,14 @@ class PrefixGroupLayout:
             prefix_lens=P,
             suffix_lens=S,
             group_sizes=G,
-            member_group=member_group,
             position_ids=position_ids,
-            prefix_index=prefix_index,
             suffix_index=suffix_index,
             cu_seqlens=seg_offset.to(torch.int32),
-            cu_prefix=i32(P),
-            cu_suffix=i32(per_group_suffix),
             cu_groups=i32(P + per_group_suffix),
             suffix_row=suffix_row,
             suffix_col=suffix_col,
             prompt_start=torch.tensor(start, **i64),
             max_seqlen=max(prefix + suffix),
-            max_prefix=max(prefix),
-            max_suffix_block=int(per_group_suffix.max()),
-            max_group=int((P + per_group_suffix).max()),
-            single_member=all(g == 1 for g in sizes),
             completion_width=int(width),
             num_tokens=T,
             predecessor=path_predecessors(lengths, parents, device),
@@ -300,18 +279,13 @@ class PrefixGroupLayout:
                 f"{tuple(completion_ids.shape)} {completion_ids.dtype} disagree in trailing shape or dtype"
             )
         packed = prompt_ids.new_empty((self.num_tokens, *prompt_ids.shape[2:]))
-        prefix_pos = self.position_ids[self.prefix_index]
+        is_prefix = torch.ones(self.num_tokens, dtype=torch.bool, device=self.device).index_fill(0, self.suffix_index,
+                                                                                                 False)
         group_of_prefix = torch.repeat_interleave(torch.arange(B, device=self.device), self.prefix_lens)
-        packed[self.prefix_index] = prompt_ids[group_of_prefix, self.prompt_start[group_of_prefix] + prefix_pos]
+        prefix_pos = self.position_ids[is_prefix]
+        packed[is_prefix] = prompt_ids[group_of_prefix, self.prompt_start[group_of_prefix] + prefix_pos]
         packed[self.suffix_index] = completion_ids[self.suffix_row, self.suffix_col]
         return packed
-
-    def unpack_completions(self, x: Tensor) -> Tensor:
-        """x: [T, ...] packed -> [N, Lc, ...] completion rows, zero at padded places (differentiable)."""
-        if x.shape[0] != self.num_tokens:
-            raise ValueError(f"expected {self.num_tokens} packed rows, got {x.shape[0]}")
-        out = x.new_zeros((self.num_members, self.completion_width, *x.shape[1:]))
-        return out.index_put((self.suffix_row, self.suffix_col), x[self.suffix_index])
 
     def to(self, device: torch.device | str) -> "PrefixGroupLayout":
         """The same layout with its tensors on `device`."""

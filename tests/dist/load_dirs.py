@@ -1,4 +1,4 @@
-"""Two-rank ZeRO-3 loading and export of model directories, run by tests/test_engine.py through the real launcher.
+"""Two-rank ZeRO-3 loading and export of model directories, run by tests/test_engines.py through the real launcher.
 
     deepspeed --num_gpus 2 tests/dist/load_dirs.py --out DIR MODEL_DIR...
 

@@ -1,4 +1,4 @@
-"""Two-rank ZeRO-3 checks run by tests/test_engine.py through the real launcher; results land in --out.
+"""Two-rank ZeRO-3 checks run by tests/test_engines.py through the real launcher; results land in --out.
 
     deepspeed --num_gpus 2 tests/dist/zero3_train.py --mode main --out DIR     # runs A, B, C; saves A at step 2
     deepspeed --num_gpus 2 tests/dist/zero3_train.py --mode resume --out DIR   # resumes A from DIR, runs step 3

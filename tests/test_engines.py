@@ -1,5 +1,5 @@
-"""pg_deepspeed.distributed.engines, checkpoint, export, presets and tokenizer: refusals and checkpoint choice in-process,
-ZeRO-3 behaviour through the real launcher.
+"""pg_deepspeed.distributed: engines (build_model, load_tokenizer), checkpoint and export. Refusals and checkpoint
+choice in-process, ZeRO-3 behaviour through the real launcher.
 
 The distributed tests share two launcher runs of tests/dist/zero3_train.py (see its docstring): `main` trains
 three policies (A prefix-grouped with activation checkpointing, B `prefix_grouping=False`, C the naive padded
@@ -9,7 +9,6 @@ sharded) under ZeRO-3 and exports them.
 """
 import json
 import math
-import string
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from reference import padded_completion_logprobs, random_grpo_batch, tiny_causal
 from safetensors import safe_open
 from pg_deepspeed.distributed.engines import build_model, load_tokenizer
 from pg_deepspeed.distributed.checkpoint import _write_manifest, latest_checkpoint
-from pg_deepspeed.demo.presets import is_preset, preset_config
 from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 
 SCRIPT = "tests/dist/zero3_train.py"
@@ -30,46 +28,6 @@ ZERO3_FP32 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-# ------------------------------------------------------------------------------------- tokenizer, presets
-def test_char_tokenizer_round_trips_printable_text_without_inserting_spaces():
-    tokenizer = build_char_tokenizer()
-    text = string.printable.replace("\t", "").replace("\r", "").replace("\x0b", "").replace("\x0c", "") + "\n\n  x"
-    ids = tokenizer(text)["input_ids"]
-    assert len(ids) == len(text)
-    assert tokenizer.decode(ids) == text
-
-
-def test_char_tokenizer_special_tokens_and_unknown_characters():
-    tokenizer = build_char_tokenizer()
-    assert [tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token] == [
-        "<pad>", "<bos>", "<eos>", "<unk>"]
-    assert tokenizer("a\tb<eos>")["input_ids"][1] == tokenizer.unk_token_id
-    assert tokenizer("a\tb<eos>")["input_ids"][-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(tokenizer("ab<eos>")["input_ids"], skip_special_tokens=True) == "ab"
-
-
-def test_char_tokenizer_saves_and_reloads(tmp_path):
-    from transformers import AutoTokenizer
-
-    build_char_tokenizer().save_pretrained(tmp_path)
-    assert AutoTokenizer.from_pretrained(tmp_path).decode(AutoTokenizer.from_pretrained(tmp_path)("1 + 1 =\n2")[
-        "input_ids"]) == "1 + 1 =\n2"
-
-
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
-def test_presets_are_tiny_gqa_models_over_the_char_vocabulary(name):
-    config = preset_config(name)
-    assert is_preset(name)
-    assert config.vocab_size == len(build_char_tokenizer())
-    assert config.num_key_value_heads < config.num_attention_heads
-    assert 128 <= config.hidden_size <= 256 and config.max_position_embeddings >= 4096
-
-
-def test_unknown_preset_is_refused_naming_the_presets():
-    with pytest.raises(ValueError, match="tiny-qwen2"):
-        preset_config("tiny-gpt5")
 
 
 # ------------------------------------------------------------------------------------- refusals, no launcher

@@ -192,7 +192,11 @@ def test_a_logprob_chunk_below_one_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a non-finite loss
-NONFINITE_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--save_steps", "1", "--no_export", *TINY]
+# a reward that varies between completions (tests/dist/varied_reward.py): non-zero advantages, so every step that is
+# not skipped moves the weights
+NONFINITE_ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--save_steps", "1", "--no_export",
+                  "--reward_fn", "varied_reward:digit_share", *TINY]
+DIST_ON_PATH = os.pathsep.join([str(REPO / "tests" / "dist"), os.environ.get("PYTHONPATH", "")])
 
 
 def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
@@ -203,16 +207,19 @@ def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_on(tmp_path):
+    """Rank 1's loss is NaN at step 3. DeepSpeed's warm-up gives the first two steps lr 0, so step 3 is the first
+    whose lr (logged after step 2) would move the weights."""
     out = tmp_path / "run"
-    result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "3",
-                           "--output_dir", str(out), env={"NAN_STEPS": "2"})
+    result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "4",
+                           "--output_dir", str(out), env={"NAN_STEPS": "3", "PYTHONPATH": DIST_ON_PATH})
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "step 2, update 1: non-finite loss on some rank; optimizer step skipped on every rank" in result.stdout
+    assert "step 3, update 1: non-finite loss on some rank; optimizer step skipped on every rank" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["nonfinite_skips"] for r in rows] == [0, 1, 0]
-    before, skipped, after = (fp32_weights(out, f"step_{s}") for s in (1, 2, 3))
-    assert all(torch.equal(skipped[k], before[k]) for k in before)  # step 2 changed no weight
-    assert any(not torch.equal(after[k], skipped[k]) for k in before)  # step 3 trained again
+    assert [r["nonfinite_skips"] for r in rows] == [0, 0, 1, 0]
+    assert rows[1]["lr"] > 0 and rows[2]["lr"] == rows[1]["lr"]  # step 3 had a learning rate; its scheduler step too
+    before, skipped, after = (fp32_weights(out, f"step_{s}") for s in (2, 3, 4))
+    assert all(torch.equal(skipped[k], before[k]) for k in before)  # step 3 changed no weight
+    assert any(not torch.equal(after[k], skipped[k]) for k in before)  # step 4 trained again
     assert all(bool(torch.isfinite(v).all()) for v in after.values())
 
 
@@ -220,7 +227,7 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_o
 def test_consecutive_nan_losses_stop_the_run_before_any_checkpoint_after_them(tmp_path):
     out = tmp_path / "run"
     result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "5",
-                           "--max_nonfinite_steps", "2", "--output_dir", str(out), env={"NAN_STEPS": "2,3,4,5"})
+                           "--max_nonfinite_steps", "2", "--output_dir", str(out), env={"NAN_STEPS": "2,3,4,5", "PYTHONPATH": DIST_ON_PATH})
     assert result.returncode != 0
     assert "2 consecutive optimizer steps had a non-finite loss or gradient norm (--max_nonfinite_steps 2)" in (
         result.stdout)

@@ -6,14 +6,15 @@
     python -m benchmarks.bench_rollout --preset smoke    # seconds; run by tests/test_bench.py
 
 Variants, on the same random weights and prompts (B prompts of exactly P tokens, no EOS: every sample makes T):
-  shared  `grpo.rollout.generate(cache="shared")`: each prompt's K/V once per group (pg_deepspeed/generation/shared_prefix_cache.py)
-  repeat  `grpo.rollout.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
+  shared  `generation.sampling.generate(cache="shared")`: each prompt's K/V once per group
+          (pg_deepspeed/generation/shared_prefix_cache.py)
+  repeat  `generation.sampling.generate(cache="repeat")`: one prefill per prompt, its cache repeated G times
   (both prefill in chunks of --prefill-chunk tokens across the B prompts, 2048 by default, as the trainer does)
   stock   `model.generate(num_return_sequences=G, do_sample=True)` on the unpatched model (it prefills each prompt G
           times: the expansion happens before the prefill)
 Each (variant, B) runs in a fresh subprocess, one after another: a small warm-up pass (P 16, T 2: lazy imports and
-kernels' first-call buffers, not counted), then one pass measuring peak memory (`pg_deepspeed.distributed.peak_memory.PeakMemory`:
-peak RSS above the start on CPU, max allocated above the start on CUDA) and the K/V bytes its decode cache holds at
+kernels' first-call buffers, not counted), then one pass measuring peak memory
+(`pg_deepspeed.distributed.peak_memory.PeakMemory`: peak RSS above the start on CPU, max allocated above the start on CUDA) and the K/V bytes its decode cache holds at
 the end, then `repeats` timed passes give the median seconds; tokens/s = B·G·T / median.
 Writes <out>/bench_rollout.{md,csv,png}.
 """

@@ -1,4 +1,5 @@
-"""Peak memory of one call, above what was resident before it (through `pg_deepspeed.distributed.peak_memory.PeakMemory`).
+"""Peak memory of one call, above what was resident before it (through
+`pg_deepspeed.distributed.peak_memory.PeakMemory`).
 
 CUDA: `torch.cuda.max_memory_allocated` after a reset, minus the allocation before the call.
 CPU:  the process's peak resident set (VmHWM) after resetting it through /proc/self/clear_refs,

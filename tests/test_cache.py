@@ -1,4 +1,5 @@
-"""The shared-prefix decode cache (pg_deepspeed/generation/shared_prefix_cache.py) and the rollout modes of grpo/rollout.py.
+"""The shared-prefix decode cache (pg_deepspeed/generation/shared_prefix_cache.py) and the rollout modes of
+generation/sampling.py.
 
 Every equivalence here is against a naive reference (tests/reference.py's dense attention; each sample's whole
 sequence forwarded alone through the unpatched model; stock `model.generate`), and between the two rollout modes

@@ -1,4 +1,5 @@
-"""pg_deepspeed.distributed.ds_config: every "auto" resolved from the run's arguments, contradictions and bad files refused."""
+"""pg_deepspeed.distributed.ds_config: every "auto" resolved from the run's arguments, contradictions and bad files
+refused."""
 import json
 from pathlib import Path
 

@@ -227,7 +227,8 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_o
 def test_consecutive_nan_losses_stop_the_run_before_any_checkpoint_after_them(tmp_path):
     out = tmp_path / "run"
     result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "5",
-                           "--max_nonfinite_steps", "2", "--output_dir", str(out), env={"NAN_STEPS": "2,3,4,5", "PYTHONPATH": DIST_ON_PATH})
+                           "--max_nonfinite_steps", "2", "--output_dir", str(out),
+                           env={"NAN_STEPS": "2,3,4,5", "PYTHONPATH": DIST_ON_PATH})
     assert result.returncode != 0
     assert "2 consecutive optimizer steps had a non-finite loss or gradient norm (--max_nonfinite_steps 2)" in (
         result.stdout)

@@ -12,7 +12,8 @@ from pg_deepspeed.attention.merge import add_sink, merge_attention, merge_rows, 
 
 class PrefixGroupedAttention(torch.autograd.Function):
     """Exact attention over a packed forest of segments (`PrefixGroupLayout`, `PrefixTreeLayout`), every
-    segment's K/V stored once. The attention plan P (layouts/attention_plan.py) splits each row's keys into disjoint sets:
+    segment's K/V stored once. The attention plan P (layouts/attention_plan.py) splits each row's keys into disjoint
+    sets:
       causal pass: each run (a chain of segments) causally over itself                   -> (O_c, L_c)
       cross pass:  each ancestor run's keys, for every query row below it (once per ancestor) -> (O_x, L_x)
     Forward merges per row: L = log(e^L_c + Σ e^L_x), O = e^(L_c-L) O_c + Σ e^(L_x-L) O_x.

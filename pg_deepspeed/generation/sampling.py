@@ -10,8 +10,8 @@ through one of two caches:
   the model's own attention; it holds B·G copies of the prompt's K/V (kept for A/B comparisons).
 
 Under ZeRO-3 every forward gathers each layer's parameters with a collective (unless the weights are gathered once
-around the rollout, `distributed/rollout_weights.py`), so all ranks must run the same number of forwards: the loop stops only when every
-rank is done (an all-reduce per token; the preemption guard's polls rely on it too).
+around the rollout, `distributed/rollout_weights.py`), so all ranks must run the same number of forwards: the loop
+stops only when every rank is done (an all-reduce per token; the preemption guard's polls rely on it too).
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ and hands what it gets back to the attention function. During the prefill `updat
 returns the prompt written so far, and the model's own attention runs with the prompt mask; a prefill may come in
 chunks of columns (`rollout.generate(prefill_chunk=...)`), each attending to the columns before it. After
 `start_decoding()`, `update` stores the sample's new K/V and returns the sample's generated K/V only; the forward
-must be given `shared_prefix=cache`, which the "prefix_grouper" attention function (`models/patch.py`) routes to `attend`,
-where the group's prompt part is fetched by `module.layer_idx` and merged. So the model must be patched
+must be given `shared_prefix=cache`, which the "prefix_grouper" attention function (`models/patch.py`) routes to
+`attend`, where the group's prompt part is fetched by `module.layer_idx` and merged. So the model must be patched
 (`patch_model`); `check_step()` after each decode forward raises if a layer attended without the cache (an unpatched
 model would drop the prompt silently).
 
@@ -40,7 +40,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pg_deepspeed.attention.merge import add_sink, merge_attention
-from pg_deepspeed.models.patch import ATTENTION_KWARGS  # the same accepted attention arguments as a packed call (none is dropped)
+# the same accepted attention arguments as a packed call (none is dropped)
+from pg_deepspeed.models.patch import ATTENTION_KWARGS
 from pg_deepspeed.models.exactness import call_limits
 
 class SharedPrefixLayer(DynamicLayer):

@@ -176,9 +176,10 @@ def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments
     if grpo.no_prefix_grouping:
         return 0
     G = grpo.num_generations
-    return sum(pack_completions(p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask, [G] * len(p.prompt_ids),
-                                shared_preamble(p, grpo)).layout.prefix_tokens_saved
-               for p in batch.micro_batches(train, G))
+    packings = (pack_completions(p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask,
+                                 [G] * len(p.prompt_ids), shared_preamble(p, grpo))
+                for p in batch.micro_batches(train, G))
+    return sum(packing.layout.prefix_tokens_saved for packing in packings)
 
 
 def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,

@@ -1,4 +1,4 @@
-"""The packing plan of a prefix-grouped micro-batch.
+"""The packed layout of a prefix-grouped micro-batch.
 
 A micro-batch holds B groups. Group g has one prefix (the prompt, P_g tokens) and
 G_g suffixes (the sampled completions, S_gi tokens each). Tokens are packed group by
@@ -54,7 +54,7 @@ class PrefixGroupLayout:
     | suffix_row/col   | [Ts]    | (member, column) of each suffix token in the [N, Lc] batch     |
     | prompt_start     | [B]     | first valid column of each prompt row in the [B, Lp] batch     |
     | predecessor      | [T]     | packed index of the token before each one on its sequence (-1 first) |
-    | plan             |         | the attention passes (attention_plan.py): the prefixes and suffixes as a forest of depth 1 |
+    | plan             |         | the attention passes (attention_plan.py): a forest of depth 1  |
     """
 
     prefix_lens: Tensor
@@ -67,7 +67,6 @@ class PrefixGroupLayout:
     suffix_row: Tensor
     suffix_col: Tensor
     prompt_start: Tensor
-    max_seqlen: int
     completion_width: int
     num_tokens: int
     predecessor: Tensor
@@ -251,7 +250,6 @@ class PrefixGroupLayout:
             suffix_row=suffix_row,
             suffix_col=suffix_col,
             prompt_start=torch.tensor(start, **i64),
-            max_seqlen=max(prefix + suffix),
             completion_width=int(width),
             num_tokens=T,
             predecessor=path_predecessors(lengths, parents, device),

@@ -15,7 +15,7 @@ sampling tree.
 | depth         | [S]    | ancestors of each segment                                      |
 | predecessor   | [T]    | packed index of the token before each one on its path (-1 first) |
 | row_leaf      | [R]    | `from_rows` only: the segment each input row ends in           |
-| plan          |        | the attention passes (attention_plan.py)                                 |
+| plan          |        | the attention passes (attention_plan.py)                       |
 """
 from __future__ import annotations
 

@@ -141,7 +141,8 @@ def _begin_engine_forward(model: nn.Module) -> None:
     - Prefetch: ZeRO-3 records the order of submodule calls between two calls of the root module (whose pre-hook
       calls the parameter coordinator's `reset_step`) and prefetches by it. A pass that never calls the root module
       never starts a trace step, so an engine that runs only these passes (the frozen reference) would never
-      prefetch (deepspeed 0.19.8: `reset_step` is called only from the root module's forward pre-hook). A stage-3 optimizer holds `parameter_offload`; an optimizer-less engine's
+      prefetch (deepspeed 0.19.8: `reset_step` is called only from the root module's forward pre-hook). A stage-3
+      optimizer holds `parameter_offload`; an optimizer-less engine's
       `optimizer` is that offload object itself.
     """
     optimizer = getattr(model, "optimizer", None)

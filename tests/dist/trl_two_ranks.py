@@ -34,7 +34,7 @@ settings = dict(per_device_train_batch_size=6, num_generations=4, gradient_accum
                 num_iterations=2, beta=0.1)
 if args.zero3:
     import deepspeed
-    import torch._dynamo  # noqa: F401  (before zero.Init: inside it a lazy dynamo import fails, "Signature mismatch ... tensor_pynew")
+    import torch._dynamo  # noqa: F401  (before zero.Init: a lazy dynamo import inside it fails, "Signature mismatch")
 
     # TRL loads the model (under zero.Init) before the Trainer sets up the processes; zero.Init reads the world size
     deepspeed.init_distributed(dist_backend="gloo")

@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 from packaging.version import InvalidVersion, Version
 
-from pg_deepspeed.attention.contract import DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda, probe, returned
+from pg_deepspeed.attention.contract import (DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda,
+                                             probe, returned)
 
 NAME = "flash_attn"
 SUPPORTED = "2.6.0 to 2.8.x"  # keep in step with setup.cfg's `flash` extra

@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from pg_deepspeed.attention.contract import DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda, probe, returned
+from pg_deepspeed.attention.contract import (DeviceFacts, Kernels, check_backward, check_forward, half_on_cuda,
+                                             probe, returned)
 
 NAME = "torch"
 

@@ -22,6 +22,7 @@ from reference import padded_completion_logprobs, tiny_causal_lm  # noqa: E402
 
 from pg_deepspeed import patch_model  # noqa: E402
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments  # noqa: E402
+from pg_deepspeed.grpo.nonfinite import NonFiniteGuard  # noqa: E402
 from pg_deepspeed.grpo.steps import Batch, update  # noqa: E402
 from zero3_train import full_weights  # noqa: E402  (this directory is the script's, so on sys.path)
 
@@ -87,7 +88,7 @@ def main() -> None:
     initial = full_weights(engine.module)
     grpo = GRPOArguments(num_generations=GROUP, loss_aggregation="token-mean", max_new_tokens=12)
     train = TrainArguments(ds_config="-", prompts_per_device=PROMPTS, gradient_accumulation_steps=MICRO_BATCHES)
-    update(engine, rank_batch(rank), grpo, train)
+    update(engine, rank_batch(rank), grpo, train, NonFiniteGuard(max_consecutive=1), step=1)
     final = full_weights(engine.module)
     if rank == 0:
         moved = {k: final[k] - initial[k] for k in initial}

@@ -27,7 +27,18 @@ class DataArguments:
         metadata={"help": "Built-in synthetic task (needle, majority, kv_retrieval), used without --dataset."},
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "A local .jsonl or .parquet file with `prompt` and `answer` fields."}
+        default=None,
+        metadata={"help": "A local dataset: a .jsonl/.json/.parquet/.csv file, or a folder datasets.load_dataset or "
+                  "load_from_disk opens. Its `prompt` is a string or a list of {role, content} messages."},
+    )
+    answer_column: str = field(default="answer", metadata={"help": "The --dataset column that holds the answers."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Replaces the conversation's system message, or adds one (needs a chat template)."}
+    )
+    no_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Feed plain-text prompts as text even when the tokenizer has a chat template (by default "
+                  "they become one user message); conversations are then refused."},
     )
     prompt_length: int = field(
         default=256, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
@@ -126,6 +137,11 @@ class TrainArguments:
         default=3,
         metadata={"help": "Stop the run after this many consecutive optimizer steps whose loss or gradient norm was "
                   "NaN or inf on some rank (each is skipped on every rank; a checkpoint never holds such weights)."},
+    )
+    log_completions_steps: int = field(
+        default=10,
+        metadata={"help": "Every N steps, append every sampled prompt (as the model saw it), completion and reward of "
+                  "all replicas to output_dir/completions.jsonl (0 = never)."},
     )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
     save_total_limit: int = field(

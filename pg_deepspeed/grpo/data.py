@@ -5,11 +5,12 @@ Every example is addressed by a global index, so the data position of a run is o
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import string
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ import torch
 class Example:
     prompt: str
     answer: str
+    # a dataset row's other fields by name, for the reward functions that ask for them (not hashed: values may be lists)
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 class PromptSource(Protocol):
@@ -147,7 +150,8 @@ class CurriculumTask:
 
 
 class FileDataset:
-    """A local .jsonl or .parquet file with `prompt` and `answer` fields, read with `datasets`."""
+    """A local .jsonl or .parquet file with `prompt` and `answer` fields, read with `datasets`; every other field is
+    kept per row (`Example.columns`, `extra_columns`: reward functions may ask for them by keyword)."""
 
     def __init__(self, path: str, seed: int) -> None:
         if not os.path.isfile(path):
@@ -172,18 +176,22 @@ class FileDataset:
             raise ValueError(f"--dataset {path!r} is empty")
         self.name, self.path, self.seed = os.path.basename(path), path, seed
         self.prompts, self.answers = list(prompts), [str(a) for a in answers]
+        self.extra_columns = tuple(c for c in data.column_names if c not in ("prompt", "answer"))
+        self._columns = {c: data[c] for c in self.extra_columns}
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def example(self, index: int) -> Example:
-        """Row of `index` in a fresh seeded shuffle per epoch."""
+        """Row of `index` in a fresh seeded shuffle per epoch. Its other columns are copies: whatever a reward
+        function does to them, example(index) stays a function of index alone."""
         epoch, offset = divmod(index, len(self))
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
         row = int(self._orders[epoch][offset])
-        return Example(self.prompts[row], self.answers[row])
+        return Example(self.prompts[row], self.answers[row],
+                       {c: copy.deepcopy(values[row]) for c, values in self._columns.items()})
 
 
 def build_source(task: str, dataset: str | None, prompt_length: int, seed: int,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -21,7 +20,7 @@ from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP
                                     ModelArguments, TrainArguments)
 from pg_deepspeed.grpo.data import Curriculum, PromptSource, build_source, longest_prompt
 from pg_deepspeed.grpo.loss import AGGREGATIONS
-from pg_deepspeed.grpo.rewards import resolve_reward_fn
+from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
 
 
 @dataclass
@@ -36,7 +35,7 @@ class TrainingSetup:
     tokenizer: PreTrainedTokenizerBase
     config: PretrainedConfig
     source: PromptSource
-    reward_fn: Callable
+    rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
 
@@ -59,7 +58,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
                           examples_per_step=dims.dp * train.prompts_per_device * train.gradient_accumulation_steps)
     max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
     check_patchable(config, max_length)
-    reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
+    rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
+                              format_reward=grpo.format_reward, format_pattern=grpo.format_pattern)
+    rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -72,7 +73,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
-    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, config, source, reward_fn, ds_config,
+    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, config, source, rewards, ds_config,
                          max_length)
 
 
@@ -114,6 +115,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
                          f"got {grpo.rollout_prefill_chunk}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
+    check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:

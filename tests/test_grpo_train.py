@@ -128,6 +128,11 @@ def test_unknown_reward_function_fails_fast(tmp_path):
     assert "cannot import module 'nowhere'" in train_fails_with(tmp_path, "--reward_fn", "nowhere:score")
 
 
+def test_reward_weights_not_one_per_function_fail_fast_naming_both_options(tmp_path):
+    err = train_fails_with(tmp_path, "--reward_fn", "numeric_match", "format", "--reward_weights", "0.7")
+    assert "--reward_weights has 1 weight but --reward_fn names 2 functions" in err
+
+
 def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 16
@@ -162,6 +167,31 @@ def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_s
     assert result.returncode == 0, result.stdout[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_two_weighted_reward_functions_log_their_own_means_and_the_reward_is_their_weighted_sum(tmp_path):
+    """numeric_match (weight 0.7) and tests/dist/column_reward.py's scaled_length (weight 0.3), which needs the
+    dataset's `scale` column by keyword: each function's mean over both ranks' completions is `reward/<name>`, and reward_mean
+    (what the advantages come from) is 0.7 * the first + 0.3 * the second."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b, "scale": 0.5 + (a + b) % 3})
+                            + "\n" for a in range(9) for b in range(4)))
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "dist"), os.environ.get("PYTHONPATH", "")])}
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--dataset", str(data),
+        "--reward_fn", "numeric_match", "column_reward:scaled_length", "--reward_weights", "0.7", "0.3",
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--max_new_tokens", "3",
+        "--prompts_per_device", "2", "--no_export", env=env,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        first, second = r["reward/numeric_match"], r["reward/scaled_length"]
+        assert 0.0 <= first <= 1.0 and second > 0.0  # the column reached the function: every scale is >= 0.5
+        assert abs(r["reward_mean"] - (0.7 * first + 0.3 * second)) <= 1e-6, r
 
 
 @pytest.mark.distributed

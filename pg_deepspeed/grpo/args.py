@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pg_deepspeed.grpo.rewards import DEFAULT_FORMAT_PATTERN
+
 DEFAULT_CURRICULUM_START = 16  # tokens: the built-in tasks' first prompts, when no --curriculum_start_length is given
 DEFAULT_SFT_WARMUP_STEPS = 60  # supervised steps on those prompts before GRPO, when a curriculum runs
 
@@ -75,12 +77,26 @@ class GRPOArguments:
                   "built only if > 0."},
     )
     num_iterations: int = field(default=1, metadata={"help": "Policy updates per rollout batch."})
-    reward_fn: str | None = field(
+    reward_fn: list[str] | None = field(
         default=None,
-        metadata={"help": "module:function called as f(prompts, completions, answers) -> list of floats."},
+        metadata={"help": "One or more reward functions, space-separated: built-ins (exact_match, numeric_match, "
+                  "math_accuracy, format) or module:function, each called as f(prompts, completions, answers, "
+                  "**columns) -> list of floats; the reward is their weighted sum (unset: the task's own, "
+                  "exact_match for a --dataset)."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per --reward_fn function, in order (unset: 1.0 each)."},
+    )
+    format_pattern: str = field(
+        default=DEFAULT_FORMAT_PATTERN,
+        metadata={"help": "Regex of a well-formed answer, matched with re.DOTALL: the `format` reward is 1.0 where it "
+                  "is found in the completion; math_accuracy scores the first group of its last match (the answer "
+                  "tag's content), or the whole completion where it is not found."},
     )
     format_reward: float = field(
-        default=0.2, metadata={"help": "Built-in tasks: reward for a well-formed (wrong) answer; 1.0 when correct."}
+        default=0.2,
+        metadata={"help": "Built-in tasks' default reward: reward for a well-formed (wrong) digit; 1.0 when correct."},
     )
     no_prefix_grouping: bool = field(
         default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}

@@ -5,11 +5,12 @@ Every example is addressed by a global index, so the data position of a run is o
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import string
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from pg_deepspeed.grpo.prompts import Prompt, PromptFormat, check_prompt
 class Example:
     prompt: Prompt  # a string or a conversation (list of messages): see prompts.py
     answer: str
+    # a dataset row's other fields by name, for the reward functions that ask for them (not hashed: values may be lists)
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 class PromptSource(Protocol):
@@ -151,7 +154,8 @@ class FileDataset:
     """A local dataset read with `datasets`: a .jsonl/.json/.parquet/.csv file, a folder `datasets.load_dataset` opens
     (data files), or one `Dataset.save_to_disk` wrote. Its `prompt` column holds strings or conversations (lists of
     `{"role", "content"}` messages, TRL's conversational format); `answer_column` holds the answers. Every row is
-    checked when it is opened: a bad one is refused naming its index."""
+    checked when it is opened: a bad one is refused naming its index. Every other column is kept per row
+    (`Example.columns`, `extra_columns`: reward functions may ask for them by keyword)."""
 
     def __init__(self, path: str, seed: int, answer_column: str = "answer") -> None:
         data = _load_local_dataset(path)
@@ -171,18 +175,22 @@ class FileDataset:
         self.name, self.path, self.seed = os.path.basename(os.path.normpath(path)), path, seed
         self.prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
         self.answers = [str(a) for a in answers]
+        self.extra_columns = tuple(c for c in data.column_names if c not in ("prompt", answer_column))
+        self._columns = {c: data[c] for c in self.extra_columns}
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def example(self, index: int) -> Example:
-        """Row of `index` in a fresh seeded shuffle per epoch."""
+        """Row of `index` in a fresh seeded shuffle per epoch. Its other columns are copies: whatever a reward
+        function does to them, example(index) stays a function of index alone."""
         epoch, offset = divmod(index, len(self))
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
         row = int(self._orders[epoch][offset])
-        return Example(self.prompts[row], self.answers[row])
+        return Example(self.prompts[row], self.answers[row],
+                       {c: copy.deepcopy(values[row]) for c, values in self._columns.items()})
 
 
 def _load_local_dataset(path: str):

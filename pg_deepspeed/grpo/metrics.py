@@ -106,7 +106,7 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     ax.plot(steps, mean, alpha=0.5, label="reward mean")
     ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving average ({window} steps)")
     if all("accuracy" in r for r in rows):
-        ax.plot(steps, [r["accuracy"] for r in rows], linestyle="--", alpha=0.7, label="accuracy (reward 1.0)")
+        ax.plot(steps, [r["accuracy"] for r in rows], linestyle="--", alpha=0.7, label="accuracy")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward")
     ax.set_title("GRPO reward")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -22,7 +21,7 @@ from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP
 from pg_deepspeed.grpo.data import Curriculum, FileDataset, PromptSource, build_source, longest_prompt
 from pg_deepspeed.grpo.loss import AGGREGATIONS
 from pg_deepspeed.grpo.prompts import PromptFormat
-from pg_deepspeed.grpo.rewards import resolve_reward_fn
+from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
 
 
 @dataclass
@@ -38,7 +37,7 @@ class TrainingSetup:
     prompt_format: PromptFormat  # how prompts become token ids: the chat template, or plain text
     config: PretrainedConfig
     source: PromptSource
-    reward_fn: Callable
+    rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
 
@@ -63,7 +62,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
     max_length = check_prompt_lengths(prompt_format, source, config, grpo.max_new_tokens)
     check_patchable(config, max_length)
-    reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
+    rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
+                              format_reward=grpo.format_reward, format_pattern=grpo.format_pattern)
+    rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -76,7 +77,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
-    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, reward_fn,
+    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, rewards,
                          ds_config, max_length)
 
 
@@ -118,6 +119,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
                          f"got {grpo.rollout_prefill_chunk}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
+    check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:

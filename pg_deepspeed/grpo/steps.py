@@ -25,7 +25,7 @@ from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 from pg_deepspeed.grpo.prompts import PromptFormat
-from pg_deepspeed.grpo.rewards import compute_rewards
+from pg_deepspeed.grpo.rewards import RewardFunctions, row_columns
 from pg_deepspeed.layouts.packing import common_prefix_length, pack_completions
 from pg_deepspeed.models.logprobs import completion_logprobs
 
@@ -38,12 +38,13 @@ class Batch:
     prompt_mask: torch.Tensor      # [B, Lp]
     completion_ids: torch.Tensor   # [N, Lc] right-padded
     completion_mask: torch.Tensor  # [N, Lc]
-    rewards: torch.Tensor          # [N]
+    rewards: torch.Tensor          # [N] the weighted sum of the reward functions
     advantages: torch.Tensor       # [N]
     old_logps: torch.Tensor | None = None  # [N, Lc]
     ref_logps: torch.Tensor | None = None  # [N, Lc]
     cache_bytes: int = 0  # the rollout's decode cache K/V at its largest
     samples: list[dict] | None = None  # per completion: the prompt as the model saw it, the completion, its reward
+    reward_parts: torch.Tensor | None = None  # [N, K] float64: what each of the K reward functions returned
 
     def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
         """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
@@ -100,10 +101,11 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
     return all_mean({"tokens": float(batch.completion_mask.sum())})["tokens"] / train.gradient_accumulation_steps
 
 
-def rollout(policy, prompt_format: PromptFormat, source: PromptSource, reward_fn, grpo: GRPOArguments,
+def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: RewardFunctions, grpo: GRPOArguments,
             train: TrainArguments, step: int, dims: ParallelDims, rank: int, device: torch.device,
             guard: PreemptionGuard) -> Batch:
-    """Sample prompts for this data-parallel replica and step, G completions each, their rewards and advantages.
+    """Sample prompts for this data-parallel replica and step, G completions each, their rewards (each function's
+    and the weighted sum) and advantages (from the weighted sum).
 
     Every rank of a sequence-parallel group is the same replica: same prompts, same seed, and the completions of
     the group's first rank (so that they cannot drift apart). Raises :class:`Preempted` on every rank when a stop
@@ -130,16 +132,19 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, reward_fn
             [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
     G = grpo.num_generations
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-    rewards = compute_rewards(
-        reward_fn, [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)]
+    total, parts = rewards.score(
+        [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)],
+        row_columns([e.columns for e in examples], G),
     )
-    rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
+    reward = torch.tensor(total, dtype=torch.float32, device=device)
     sizes = torch.full((len(examples),), G, dtype=torch.long, device=device)
     shown = [prompt_format.text(e.prompt) for e in examples]
-    samples = [{"prompt": shown[n // G], "completion": text, "reward": float(r)}
-               for n, (text, r) in enumerate(zip(texts, rewards.tolist()))]
-    return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, rewards,
-                 group_advantages(rewards, sizes, grpo.advantage), cache_bytes=out.cache_bytes, samples=samples)
+    samples = [{"prompt": shown[n // G], "completion": text, "reward": r,
+                **{f"reward/{name}": part[n] for name, part in zip(rewards.names, parts)}}
+               for n, (text, r) in enumerate(zip(texts, total))]
+    return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, reward,
+                 group_advantages(reward, sizes, grpo.advantage), cache_bytes=out.cache_bytes,
+                 reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ and resuming in `checkpointer.py`.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -57,7 +58,7 @@ def run(setup: TrainingSetup) -> None:
         t0, at_boundary = time.perf_counter(), current_rng_state()
         try:
             with PeakMemory(device) as rollout_peak:
-                batch = rollout(policy, setup.prompt_format, setup.source, setup.reward_fn, grpo, train, step - 1, dims,
+                batch = rollout(policy, setup.prompt_format, setup.source, setup.rewards, grpo, train, step - 1, dims,
                                 rank, device, guard)
         except Preempted:
             logger.close()
@@ -134,9 +135,13 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "rollout_cache_bytes": float(batch.cache_bytes),
     })
     rewards = all_gather_cat(batch.rewards).view(dims.world, -1)[::dims.sp].flatten()  # one copy per replica
+    K = len(setup.rewards.names)
+    parts = all_gather_cat(batch.reward_parts).view(dims.world, -1, K)[::dims.sp].reshape(-1, K).T.tolist()
     return {
         "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-        "accuracy": (rewards == 1.0).float().mean().item(),
+        # each reward function's own mean (the reward is their weighted sum); accuracy: see RewardFunctions
+        **{f"reward/{name}": math.fsum(part) / len(part) for name, part in zip(setup.rewards.names, parts)},
+        "accuracy": setup.rewards.accuracy(parts),
         "loss": mean["loss"], "kl": mean["kl"], "clip_frac": mean["clip_frac"],
         "nonfinite_skips": int(mean["nonfinite_skips"]),  # optimizer steps skipped (the same on every rank)
         "prompt_length": mean["prompt_length"], "completion_length": mean["completion_length"],

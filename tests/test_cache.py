@@ -255,3 +255,14 @@ def test_zero3_rollouts_gathering_once_or_per_layer_give_identical_completions(t
                     > 0)
         assert r["before_step/shared/full/9"]["completions"] != r["after_step/shared/full/9"]["completions"]
     assert ranks[0]["before_step/shared/full/9"]["completions"] != ranks[1]["before_step/shared/full/9"]["completions"]
+
+
+def test_temperature_zero_is_greedy_decoding_as_stock_generate_does_it():
+    reference = tiny_causal_lm("llama")
+    model = patch_model(copy.deepcopy(reference))
+    ids, mask = _prompts(4)
+    stock = reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                               min_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    for seed in (1, 2):  # the generator is not drawn from: any seed gives the same tokens
+        ours = _generate(model, ids, mask, 2, "shared", seed=seed, steps=6, temperature=0.0)
+        assert torch.equal(ours.completion_ids, stock[:, ids.shape[1]:].repeat_interleave(2, 0))

@@ -187,7 +187,7 @@ def test_missing_dataset_file_is_named(tmp_path):
 def test_dataset_row_without_prompt_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n{"answer": 2}\n')
-    with pytest.raises(ValueError, match=r"row 1: missing or empty 'prompt'"):
+    with pytest.raises(ValueError, match=r"row 1: the prompt is missing"):
         FileDataset(str(path), seed=0)
 
 

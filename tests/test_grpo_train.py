@@ -3,6 +3,7 @@ middle of a save, then resumed), and refusals that print one line."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,11 @@ def test_unknown_reward_function_fails_fast(tmp_path):
     assert "cannot import module 'nowhere'" in train_fails_with(tmp_path, "--reward_fn", "nowhere:score")
 
 
+def test_reward_weights_not_one_per_function_fail_fast_naming_both_options(tmp_path):
+    err = train_fails_with(tmp_path, "--reward_fn", "numeric_match", "format", "--reward_weights", "0.7")
+    assert "--reward_weights has 1 weight but --reward_fn names 2 functions" in err
+
+
 def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 16
@@ -164,6 +170,31 @@ def test_trains_a_local_sliding_window_model_directory_on_a_jsonl_file_after_a_s
 
 
 @pytest.mark.distributed
+def test_two_weighted_reward_functions_log_their_own_means_and_the_reward_is_their_weighted_sum(tmp_path):
+    """numeric_match (weight 0.7) and tests/dist/column_reward.py's scaled_length (weight 0.3), which needs the
+    dataset's `scale` column by keyword: each function's mean over both ranks' completions is `reward/<name>`, and reward_mean
+    (what the advantages come from) is 0.7 * the first + 0.3 * the second."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b, "scale": 0.5 + (a + b) % 3})
+                            + "\n" for a in range(9) for b in range(4)))
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "dist"), os.environ.get("PYTHONPATH", "")])}
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--dataset", str(data),
+        "--reward_fn", "numeric_match", "column_reward:scaled_length", "--reward_weights", "0.7", "0.3",
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--max_new_tokens", "3",
+        "--prompts_per_device", "2", "--no_export", env=env,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        first, second = r["reward/numeric_match"], r["reward/scaled_length"]
+        assert 0.0 <= first <= 1.0 and second > 0.0  # the column reached the function: every scale is >= 0.5
+        assert abs(r["reward_mean"] - (0.7 * first + 0.3 * second)) <= 1e-6, r
+
+
+@pytest.mark.distributed
 def test_ranks_whose_completions_need_different_head_calls_train_under_the_shipped_zero3_config(tmp_path):
     """Issue 23 item 1: under ds_configs/zero3_cpu.json each LM-head call is a ZeRO-3 gather, so ranks whose
     micro-batches hold different numbers of completion tokens used to call the head a different number of times and
@@ -189,6 +220,72 @@ def test_ranks_whose_completions_need_different_head_calls_train_under_the_shipp
 
 def test_a_logprob_chunk_below_one_is_one_line(tmp_path):
     assert "--logprob_chunk_size must be >= 1, got 0" in train_fails_with(tmp_path, "--logprob_chunk_size", "0")
+
+
+# ------------------------------------------------------------------------------ conversations and chat templates
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def save_tiny_chat_model(model_dir) -> None:
+    """tiny-qwen2's shape, random-init, over the char vocabulary with a ChatML-like template."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("tiny-qwen2")).save_pretrained(model_dir)
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+
+
+def conversation(a: int, b: int) -> list[dict]:
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{a}+{b}="}]
+
+
+@pytest.mark.distributed
+def test_a_conversational_dataset_is_trained_through_the_chat_template_with_the_system_prompt(tmp_path):
+    model_dir, data, out = tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "run"
+    save_tiny_chat_model(model_dir)
+    data.write_text("".join(json.dumps({"prompt": conversation(a, b), "answer": a + b}) + "\n"
+                            for a in range(4) for b in range(3)))
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--model", str(model_dir),
+        "--dataset", str(data), "--system_prompt", "Answer with a number.", "--reward_fn", "numeric_match",
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "2", "--max_new_tokens", "3",
+        "--prompts_per_device", "2", "--log_completions_steps", "1", "--no_export",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    samples = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 8 + [2] * 8  # 2 ranks x 2 prompts x G = 2, every step
+    for s in samples:
+        question = s["prompt"].split("<|user|>\n")[1].split("\n")[0]
+        assert s["prompt"] == f"<bos><|system|>\nAnswer with a number.\n<|user|>\n{question}\n<|assistant|>\n"
+        assert isinstance(s["completion"], str) and s["reward"] in (0.0, 1.0)
+
+
+def test_a_malformed_conversation_is_refused_naming_its_row(tmp_path):
+    data = tmp_path / "train.jsonl"
+    bad = [{"role": "user", "content": "1+1="}, {"role": "robot", "content": "2"}]
+    data.write_text(json.dumps({"prompt": conversation(1, 2), "answer": 3}) + "\n"
+                    + json.dumps({"prompt": bad, "answer": 2}) + "\n")
+    error = train_fails_with(tmp_path, "--dataset", str(data))
+    assert "row 1: message 1 has role 'robot'" in error
+
+
+def test_a_conversation_longer_than_the_model_is_refused_naming_its_row(tmp_path):
+    model_dir, data = tmp_path / "model", tmp_path / "train.jsonl"
+    save_tiny_chat_model(model_dir)
+    long = [{"role": "user", "content": "9" * 4090}]
+    data.write_text(json.dumps({"prompt": conversation(1, 2), "answer": 3}) + "\n"
+                    + json.dumps({"prompt": long, "answer": 9}) + "\n")
+    error = train_fails_with(tmp_path, "--model", str(model_dir), "--dataset", str(data))
+    assert re.search(r"train.jsonl' row 1: the prompt is 41\d\d tokens; with --max_new_tokens 4 it exceeds the model's "
+                     r"max_position_embeddings \(4096\)$", error), error
+
+
+def test_a_conversation_on_a_model_without_a_chat_template_is_refused_naming_its_row(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": conversation(1, 2), "answer": 3}) + "\n")
+    error = train_fails_with(tmp_path, "--dataset", str(data))  # the tiny preset's tokenizer has no template
+    assert "row 0: a conversation needs a chat template: the tokenizer has none" in error
 
 
 # ------------------------------------------------------------------------------ a non-finite loss

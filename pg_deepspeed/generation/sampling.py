@@ -39,8 +39,11 @@ class Rollout:
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
-    """logits: [N, V] -> token ids [N], with temperature and nucleus (top-p) filtering."""
-    logits = logits.float() / max(temperature, 1e-6)
+    """logits: [N, V] -> token ids [N], with temperature and nucleus (top-p) filtering; temperature 0 is greedy (the
+    argmax, the generator untouched)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, -1)
@@ -76,6 +79,8 @@ def generate(
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk must be >= 0 (0 = the whole prompt at once), got {prefill_chunk}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     B = prompt_ids.shape[0]
     sizes = [num_generations] * B if isinstance(num_generations, int) else [int(g) for g in num_generations]
     if len(sizes) != B or min(sizes, default=1) < 1:

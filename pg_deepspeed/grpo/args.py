@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pg_deepspeed.grpo.rewards import DEFAULT_FORMAT_PATTERN
+
 DEFAULT_CURRICULUM_START = 16  # tokens: the built-in tasks' first prompts, when no --curriculum_start_length is given
 DEFAULT_SFT_WARMUP_STEPS = 60  # supervised steps on those prompts before GRPO, when a curriculum runs
 
@@ -27,7 +29,18 @@ class DataArguments:
         metadata={"help": "Built-in synthetic task (needle, majority, kv_retrieval), used without --dataset."},
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "A local .jsonl or .parquet file with `prompt` and `answer` fields."}
+        default=None,
+        metadata={"help": "A local dataset: a .jsonl/.json/.parquet/.csv file, or a folder datasets.load_dataset or "
+                  "load_from_disk opens. Its `prompt` is a string or a list of {role, content} messages."},
+    )
+    answer_column: str = field(default="answer", metadata={"help": "The --dataset column that holds the answers."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Replaces the conversation's system message, or adds one (needs a chat template)."}
+    )
+    no_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Feed plain-text prompts as text even when the tokenizer has a chat template (by default "
+                  "they become one user message); conversations are then refused."},
     )
     prompt_length: int = field(
         default=256, metadata={"help": "Approximate prompt length in tokens for the synthetic tasks."}
@@ -64,12 +77,26 @@ class GRPOArguments:
                   "built only if > 0."},
     )
     num_iterations: int = field(default=1, metadata={"help": "Policy updates per rollout batch."})
-    reward_fn: str | None = field(
+    reward_fn: list[str] | None = field(
         default=None,
-        metadata={"help": "module:function called as f(prompts, completions, answers) -> list of floats."},
+        metadata={"help": "One or more reward functions, space-separated: built-ins (exact_match, numeric_match, "
+                  "math_accuracy, format) or module:function, each called as f(prompts, completions, answers, "
+                  "**columns) -> list of floats; the reward is their weighted sum (unset: the task's own, "
+                  "exact_match for a --dataset)."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per --reward_fn function, in order (unset: 1.0 each)."},
+    )
+    format_pattern: str = field(
+        default=DEFAULT_FORMAT_PATTERN,
+        metadata={"help": "Regex of a well-formed answer, matched with re.DOTALL: the `format` reward is 1.0 where it "
+                  "is found in the completion; math_accuracy scores the first group of its last match (the answer "
+                  "tag's content), or the whole completion where it is not found."},
     )
     format_reward: float = field(
-        default=0.2, metadata={"help": "Built-in tasks: reward for a well-formed (wrong) answer; 1.0 when correct."}
+        default=0.2,
+        metadata={"help": "Built-in tasks' default reward: reward for a well-formed (wrong) digit; 1.0 when correct."},
     )
     no_prefix_grouping: bool = field(
         default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}
@@ -126,6 +153,11 @@ class TrainArguments:
         default=3,
         metadata={"help": "Stop the run after this many consecutive optimizer steps whose loss or gradient norm was "
                   "NaN or inf on some rank (each is skipped on every rank; a checkpoint never holds such weights)."},
+    )
+    log_completions_steps: int = field(
+        default=10,
+        metadata={"help": "Every N steps, append every sampled prompt (as the model saw it), completion and reward of "
+                  "all replicas to output_dir/completions.jsonl (0 = never)."},
     )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0 = only at the end)."})
     save_total_limit: int = field(

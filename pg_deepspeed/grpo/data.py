@@ -1,24 +1,28 @@
-"""Prompts and answers: built-in synthetic long-context tasks, or a local JSONL/Parquet file.
+"""Prompts and answers: built-in synthetic long-context tasks, or a local dataset (a file or a folder).
 
 Every example is addressed by a global index, so the data position of a run is one integer
 (the number of rollout steps done) and a resumed run reads exactly what the original would have.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import string
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
-import torch
+
+from pg_deepspeed.grpo.prompts import Prompt, PromptFormat, check_prompt
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
+    prompt: Prompt  # a string or a conversation (list of messages): see prompts.py
     answer: str
+    # a dataset row's other fields by name, for the reward functions that ask for them (not hashed: values may be lists)
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 class PromptSource(Protocol):
@@ -147,54 +151,83 @@ class CurriculumTask:
 
 
 class FileDataset:
-    """A local .jsonl or .parquet file with `prompt` and `answer` fields, read with `datasets`."""
+    """A local dataset read with `datasets`: a .jsonl/.json/.parquet/.csv file, a folder `datasets.load_dataset` opens
+    (data files), or one `Dataset.save_to_disk` wrote. Its `prompt` column holds strings or conversations (lists of
+    `{"role", "content"}` messages, TRL's conversational format); `answer_column` holds the answers. Every row is
+    checked when it is opened: a bad one is refused naming its index. Every other column is kept per row
+    (`Example.columns`, `extra_columns`: reward functions may ask for them by keyword)."""
 
-    def __init__(self, path: str, seed: int) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--dataset {path!r} does not exist")
-        ext = os.path.splitext(path)[1].lower()
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
-        if kind is None:
-            raise ValueError(f"--dataset {path!r}: expected a .jsonl or .parquet file, got {ext!r}")
-        import datasets
-
-        data = datasets.load_dataset(kind, data_files=path, split="train")
-        for column in ("prompt", "answer"):
+    def __init__(self, path: str, seed: int, answer_column: str = "answer") -> None:
+        data = _load_local_dataset(path)
+        for column in ("prompt", answer_column):
             if column not in data.column_names:
-                raise ValueError(f"--dataset {path!r} has no {column!r} field (columns: {data.column_names})")
-        prompts, answers = data["prompt"], data["answer"]
-        for row, (p, a) in enumerate(zip(prompts, answers)):
-            if not isinstance(p, str) or not p:
-                raise ValueError(f"--dataset {path!r} row {row}: missing or empty 'prompt'")
-            if a is None:
-                raise ValueError(f"--dataset {path!r} row {row}: missing 'answer'")
-        if not prompts:
+                option = " (--answer_column)" if column == answer_column and column != "answer" else ""
+                raise ValueError(f"--dataset {path!r} has no {column!r} column{option} (columns: {data.column_names})")
+        if len(data) == 0:
             raise ValueError(f"--dataset {path!r} is empty")
-        self.name, self.path, self.seed = os.path.basename(path), path, seed
-        self.prompts, self.answers = list(prompts), [str(a) for a in answers]
+        prompts, answers = data["prompt"], data[answer_column]
+        for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+            problem = check_prompt(prompt)
+            if problem is not None:
+                raise ValueError(f"--dataset {path!r} row {row}: {problem}")
+            if answer is None:
+                raise ValueError(f"--dataset {path!r} row {row}: missing {answer_column!r}")
+        self.name, self.path, self.seed = os.path.basename(os.path.normpath(path)), path, seed
+        self.prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
+        self.answers = [str(a) for a in answers]
+        self.extra_columns = tuple(c for c in data.column_names if c not in ("prompt", answer_column))
+        self._columns = {c: data[c] for c in self.extra_columns}
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def example(self, index: int) -> Example:
-        """Row of `index` in a fresh seeded shuffle per epoch."""
+        """Row of `index` in a fresh seeded shuffle per epoch. Its other columns are copies: whatever a reward
+        function does to them, example(index) stays a function of index alone."""
         epoch, offset = divmod(index, len(self))
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
         row = int(self._orders[epoch][offset])
-        return Example(self.prompts[row], self.answers[row])
+        return Example(self.prompts[row], self.answers[row],
+                       {c: copy.deepcopy(values[row]) for c, values in self._columns.items()})
+
+
+def _load_local_dataset(path: str):
+    """The train split of a local dataset (see FileDataset); a missing path or an unreadable one is named."""
+    import datasets
+
+    if os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(
+            os.path.splitext(path)[1].lower())
+        if kind is None:
+            raise ValueError(f"--dataset {path!r}: expected a .jsonl, .json, .parquet or .csv file, or a folder")
+        try:
+            return datasets.load_dataset(kind, data_files=path, split="train")
+        except Exception as error:  # datasets' own errors (mixed column types, bad JSON) name no row of ours
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"--dataset {path!r}: datasets cannot read it ({type(error).__name__}: {first})") from None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--dataset {path!r} does not exist (a local file or folder)")
+    if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        data = datasets.load_from_disk(path)  # what Dataset(Dict).save_to_disk wrote
+        return data["train"] if isinstance(data, datasets.DatasetDict) else data
+    try:
+        return datasets.load_dataset(path, split="train")
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"--dataset {path!r}: datasets cannot open it as a local dataset ({error})") from None
 
 
 def build_source(task: str, dataset: str | None, prompt_length: int, seed: int,
-                 curriculum: Curriculum | None = None, examples_per_step: int = 1) -> PromptSource:
+                 curriculum: Curriculum | None = None, examples_per_step: int = 1,
+                 answer_column: str = "answer") -> PromptSource:
     """A file dataset, or a built-in task (whose prompts follow `curriculum` when given: `examples_per_step` is
     the number of prompts all ranks read per GRPO step)."""
     if dataset is not None:
         if curriculum is not None:
             raise ValueError("--curriculum_start_length grows the built-in tasks' prompts; a --dataset's prompts are "
                              "read as they are (leave it unset or 0)")
-        return FileDataset(dataset, seed)
+        return FileDataset(dataset, seed, answer_column)
     if task not in TASKS:
         raise ValueError(f"unknown --task {task!r}; built-in tasks: {sorted(TASKS)}")
     if curriculum is not None:
@@ -208,29 +241,20 @@ def batch_indices(step: int, rank: int, world_size: int, per_rank: int) -> range
     return range(start, start + per_rank)
 
 
-def prompt_tokens(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids as the model sees them: BOS (when the tokenizer has one), then the text."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
-
-
-def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (prompt_ids, prompt_mask), both [B, Lp], left-padded with the tokenizer's pad id."""
-    rows = [prompt_tokens(tokenizer, p) for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def longest_prompt(tokenizer, source: PromptSource, sample: int = 64) -> tuple[int, int]:
-    """(length in tokens, index) of the longest prompt: every row of a file, or `sample` synthetic ones."""
+def longest_prompt(prompt_format: PromptFormat, source: PromptSource, sample: int = 64) -> tuple[int, int]:
+    """(length in tokens, index) of the longest prompt as the model sees it: every row of a file (each rendered, so a
+    row the format cannot render is refused naming its index), or `sample` synthetic ones."""
     if isinstance(source, CurriculumTask):
         source = source.final_task  # the curriculum's longest prompts
-    n = len(source) if isinstance(source, FileDataset) else sample
-    lengths = [len(prompt_tokens(tokenizer, source.example(i).prompt)) for i in range(n)]
+    if isinstance(source, FileDataset):
+        lengths = []
+        for row, prompt in enumerate(source.prompts):
+            try:
+                lengths.append(len(prompt_format.token_ids(prompt)))
+            except ValueError as error:
+                raise ValueError(f"--dataset {source.path!r} row {row}: {error}") from None
+        i = int(np.argmax(lengths))
+        return lengths[i], i
+    lengths = [len(prompt_format.token_ids(source.example(i).prompt)) for i in range(sample)]
     i = int(np.argmax(lengths))
     return lengths[i], i

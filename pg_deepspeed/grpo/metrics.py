@@ -1,4 +1,4 @@
-"""Run outputs on rank 0: a tqdm bar, metrics.jsonl, TensorBoard events and the reward plot."""
+"""Run outputs on rank 0: a tqdm bar, metrics.jsonl, completions.jsonl, TensorBoard events and the reward plot."""
 from __future__ import annotations
 
 import json
@@ -17,24 +17,17 @@ class MetricsLogger:
     def __init__(self, output_dir: str, *, rank: int, total_steps: int, start_step: int = 0) -> None:
         self.enabled = rank == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(output_dir, "completions.jsonl")
         self.output_dir = output_dir
         if not self.enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._truncate_after(start_step)
+        for path in (self.path, self.completions_path):
+            truncate_after(path, start_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
-
-    def _truncate_after(self, step: int) -> None:
-        """Keep the rows of steps <= ``step``; a last line cut short by a kill is dropped (its step runs again)."""
-        if not os.path.exists(self.path):
-            return
-        rows = read_metrics(self.path)
-        with open(f"{self.path}.tmp", "w") as f:  # then renamed: a kill now leaves the old file or the new one
-            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
-        os.replace(f"{self.path}.tmp", self.path)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -47,12 +40,31 @@ class MetricsLogger:
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
 
+    def log_completions(self, step: int, samples: list[dict]) -> None:
+        """One row per sampled completion in completions.jsonl: the step, the prompt as the model saw it (template
+        included), the completion and its reward(s)."""
+        if not self.enabled:
+            return
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+
     def close(self) -> None:
         if not self.enabled:
             return
         self.bar.close()
         self.tb.close()
         plot_rewards(self.path, os.path.join(self.output_dir, "reward.png"))
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Keep the rows of steps <= ``step`` (a resume runs the later ones again); a last line cut short by a kill is
+    dropped."""
+    if not os.path.exists(path):
+        return
+    rows = read_metrics(path)
+    with open(f"{path}.tmp", "w") as f:  # then renamed: a kill now leaves the old file or the new one
+        f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+    os.replace(f"{path}.tmp", path)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -94,7 +106,7 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     ax.plot(steps, mean, alpha=0.5, label="reward mean")
     ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving average ({window} steps)")
     if all("accuracy" in r for r in rows):
-        ax.plot(steps, [r["accuracy"] for r in rows], linestyle="--", alpha=0.7, label="accuracy (reward 1.0)")
+        ax.plot(steps, [r["accuracy"] for r in rows], linestyle="--", alpha=0.7, label="accuracy")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward")
     ax.set_title("GRPO reward")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -19,9 +18,10 @@ from pg_deepspeed.generation.sampling import CACHE_MODES
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
-from pg_deepspeed.grpo.data import Curriculum, PromptSource, build_source, longest_prompt
+from pg_deepspeed.grpo.data import Curriculum, FileDataset, PromptSource, build_source, longest_prompt
 from pg_deepspeed.grpo.loss import AGGREGATIONS
-from pg_deepspeed.grpo.rewards import resolve_reward_fn
+from pg_deepspeed.grpo.prompts import PromptFormat
+from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
 
 
 @dataclass
@@ -34,9 +34,10 @@ class TrainingSetup:
     train: TrainArguments
     dims: ParallelDims
     tokenizer: PreTrainedTokenizerBase
+    prompt_format: PromptFormat  # how prompts become token ids: the chat template, or plain text
     config: PretrainedConfig
     source: PromptSource
-    reward_fn: Callable
+    rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
 
@@ -56,10 +57,14 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     except ValueError as error:
         raise ValueError(f"--{error}") from None
     source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed, curriculum,
-                          examples_per_step=dims.dp * train.prompts_per_device * train.gradient_accumulation_steps)
-    max_length = check_prompt_lengths(tokenizer, source, config, grpo.max_new_tokens)
+                          examples_per_step=dims.dp * train.prompts_per_device * train.gradient_accumulation_steps,
+                          answer_column=data_args.answer_column)
+    prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
+    max_length = check_prompt_lengths(prompt_format, source, config, grpo.max_new_tokens)
     check_patchable(config, max_length)
-    reward_fn = resolve_reward_fn(grpo.reward_fn, synthetic=data_args.dataset is None, format_reward=grpo.format_reward)
+    rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
+                              format_reward=grpo.format_reward, format_pattern=grpo.format_pattern)
+    rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -72,8 +77,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
-    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, config, source, reward_fn, ds_config,
-                         max_length)
+    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, rewards,
+                         ds_config, max_length)
 
 
 def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -100,7 +105,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         value = getattr(grpo, name, getattr(train, name, None))
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("save_steps", "save_total_limit", "sft_warmup_steps"):
+    for name in ("save_steps", "save_total_limit", "sft_warmup_steps", "log_completions_steps"):
         if getattr(train, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(train, name)}")
     if not 0.0 < grpo.top_p <= 1.0:
@@ -114,6 +119,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
                          f"got {grpo.rollout_prefill_chunk}")
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
+    check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
@@ -134,13 +140,14 @@ def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
         raise ValueError(f"--curriculum_start_length {start} (--prompt_length {data.prompt_length}): {error}") from None
 
 
-def check_prompt_lengths(tokenizer, source: PromptSource, config, max_new_tokens: int) -> int:
-    """The longest prompt + ``max_new_tokens`` (the run's longest sequence); refused past the model's positions."""
+def check_prompt_lengths(prompt_format: PromptFormat, source: PromptSource, config, max_new_tokens: int) -> int:
+    """The longest prompt as the model sees it + ``max_new_tokens`` (the run's longest sequence); refused past the
+    model's positions, naming the dataset row."""
     limit = getattr(config, "max_position_embeddings", None)
-    longest, index = longest_prompt(tokenizer, source)
+    longest, index = longest_prompt(prompt_format, source)
     if limit is not None and longest + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt {index} of {source.name} is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
-            f"the model's max_position_embeddings ({limit})"
-        )
+        where = f"--dataset {source.path!r} row {index}" if isinstance(source, FileDataset) else \
+            f"prompt {index} of {source.name}"
+        raise ValueError(f"{where}: the prompt is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
+                         f"the model's max_position_embeddings ({limit})")
     return longest + max_new_tokens

@@ -20,11 +20,12 @@ from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
 from pg_deepspeed.generation.sampling import generate
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
-from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices, tokenize_prompts
+from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices
 from pg_deepspeed.grpo.loss import grpo_loss
 from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import PreemptionGuard
-from pg_deepspeed.grpo.rewards import compute_rewards
+from pg_deepspeed.grpo.prompts import PromptFormat
+from pg_deepspeed.grpo.rewards import RewardFunctions, row_columns
 from pg_deepspeed.layouts.packing import common_prefix_length, pack_completions
 from pg_deepspeed.models.logprobs import completion_logprobs
 
@@ -37,11 +38,13 @@ class Batch:
     prompt_mask: torch.Tensor      # [B, Lp]
     completion_ids: torch.Tensor   # [N, Lc] right-padded
     completion_mask: torch.Tensor  # [N, Lc]
-    rewards: torch.Tensor          # [N]
+    rewards: torch.Tensor          # [N] the weighted sum of the reward functions
     advantages: torch.Tensor       # [N]
     old_logps: torch.Tensor | None = None  # [N, Lc]
     ref_logps: torch.Tensor | None = None  # [N, Lc]
     cache_bytes: int = 0  # the rollout's decode cache K/V at its largest
+    samples: list[dict] | None = None  # per completion: the prompt as the model saw it, the completion, its reward
+    reward_parts: torch.Tensor | None = None  # [N, K] float64: what each of the K reward functions returned
 
     def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
         """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
@@ -98,9 +101,11 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
     return all_mean({"tokens": float(batch.completion_mask.sum())})["tokens"] / train.gradient_accumulation_steps
 
 
-def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo: GRPOArguments, train: TrainArguments, step: int,
-            dims: ParallelDims, rank: int, device: torch.device, guard: PreemptionGuard) -> Batch:
-    """Sample prompts for this data-parallel replica and step, G completions each, their rewards and advantages.
+def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: RewardFunctions, grpo: GRPOArguments,
+            train: TrainArguments, step: int, dims: ParallelDims, rank: int, device: torch.device,
+            guard: PreemptionGuard) -> Batch:
+    """Sample prompts for this data-parallel replica and step, G completions each, their rewards (each function's
+    and the weighted sum) and advantages (from the weighted sum).
 
     Every rank of a sequence-parallel group is the same replica: same prompts, same seed, and the completions of
     the group's first rank (so that they cannot drift apart). Raises :class:`Preempted` on every rank when a stop
@@ -108,7 +113,8 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo: GRPOArgume
     per_rank = train.prompts_per_device * train.gradient_accumulation_steps
     replica = dims.replica(rank)
     examples = [source.example(i) for i in batch_indices(step, replica, dims.dp, per_rank)]
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
+    tokenizer = prompt_format.tokenizer
+    prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in examples], device)
     generator = torch.Generator().manual_seed(hash((train.seed, step, replica)) % 2**63)
     module = policy.module
     was_training = module.training
@@ -126,13 +132,19 @@ def rollout(policy, tokenizer, source: PromptSource, reward_fn, grpo: GRPOArgume
             [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
     G = grpo.num_generations
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-    rewards = compute_rewards(
-        reward_fn, [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)]
+    total, parts = rewards.score(
+        [e.prompt for e in examples for _ in range(G)], texts, [e.answer for e in examples for _ in range(G)],
+        row_columns([e.columns for e in examples], G),
     )
-    rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
+    reward = torch.tensor(total, dtype=torch.float32, device=device)
     sizes = torch.full((len(examples),), G, dtype=torch.long, device=device)
-    return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, rewards,
-                 group_advantages(rewards, sizes, grpo.advantage), cache_bytes=out.cache_bytes)
+    shown = [prompt_format.text(e.prompt) for e in examples]
+    samples = [{"prompt": shown[n // G], "completion": text, "reward": r,
+                **{f"reward/{name}": part[n] for name, part in zip(rewards.names, parts)}}
+               for n, (text, r) in enumerate(zip(texts, total))]
+    return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, reward,
+                 group_advantages(reward, sizes, grpo.advantage), cache_bytes=out.cache_bytes,
+                 reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples)
 
 
 @torch.no_grad()
@@ -182,19 +194,19 @@ def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments
     return sum(packing.layout.prefix_tokens_saved for packing in packings)
 
 
-def sft_warmup(policy, tokenizer, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,
+def sft_warmup(policy, prompt_format: PromptFormat, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,
                rank: int, device: torch.device, first: int, stop: Callable[[], bool], guard: NonFiniteGuard) -> int:
     """Supervised steps ``first``.. on `answer + EOS` (negative mean log-prob), on prompts the GRPO steps never see.
 
     Polls ``stop()`` after each step; returns the number of warm-up steps done (all of them unless stopped)."""
-    eos = tokenizer.eos_token_id
+    tokenizer, eos = prompt_format.tokenizer, prompt_format.tokenizer.eos_token_id
     for step in range(first, train.sft_warmup_steps):
         all_finite = True
         for i in range(train.gradient_accumulation_steps):
             indices = batch_indices(step * train.gradient_accumulation_steps + i, dims.replica(rank), dims.dp,
                                     train.prompts_per_device)
             examples = [source.example(SFT_OFFSET + j) for j in indices]
-            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [e.prompt for e in examples], device)
+            prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in examples], device)
             answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [eos] for e in examples]
             width = max(len(a) for a in answers)
             ids = torch.full((len(answers), width), tokenizer.pad_token_id, dtype=torch.long, device=device)

@@ -6,6 +6,7 @@ and resuming in `checkpointer.py`.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -18,6 +19,7 @@ from pg_deepspeed.distributed.checkpoint import current_rng_state
 from pg_deepspeed.distributed.ds_config import DTYPES, dtype_name
 from pg_deepspeed.distributed.engines import build_model, init_policy, init_reference
 from pg_deepspeed.distributed.export import export_hf
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.peak_memory import PeakMemory
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from pg_deepspeed.grpo.checkpointer import Checkpointer
@@ -46,7 +48,7 @@ def run(setup: TrainingSetup) -> None:
     dist.all_gather_object(nodes, node_rank())
 
     if start.sft_done < train.sft_warmup_steps:
-        done = sft_warmup(policy, setup.tokenizer, setup.source, grpo, train, dims, rank, device, start.sft_done,
+        done = sft_warmup(policy, setup.prompt_format, setup.source, grpo, train, dims, rank, device, start.sft_done,
                           guard.stop_requested, nonfinite)
         if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
             logger.close()
@@ -56,7 +58,7 @@ def run(setup: TrainingSetup) -> None:
         t0, at_boundary = time.perf_counter(), current_rng_state()
         try:
             with PeakMemory(device) as rollout_peak:
-                batch = rollout(policy, setup.tokenizer, setup.source, setup.reward_fn, grpo, train, step - 1, dims,
+                batch = rollout(policy, setup.prompt_format, setup.source, setup.rewards, grpo, train, step - 1, dims,
                                 rank, device, guard)
         except Preempted:
             logger.close()
@@ -69,6 +71,8 @@ def run(setup: TrainingSetup) -> None:
         logger.log({"step": step, **step_metrics(batch, stats, timings, setup),
                     "lr": policy.get_lr()[0], "world_size": dims.world, "sequence_parallel_size": dims.sp,
                     "node_ranks": nodes})
+        if train.log_completions_steps and step % train.log_completions_steps == 0:
+            logger.log_completions(step, replica_samples(batch, dims))
         checkpointer.after_step(step)
         if guard.stop_requested():
             logger.close()
@@ -108,6 +112,13 @@ def build_engines(setup: TrainingSetup):
     return policy, init_reference(model_args.model, setup.ds_config, dims=setup.dims, **options)
 
 
+def replica_samples(batch: Batch, dims: ParallelDims) -> list[dict]:
+    """Every replica's samples, in replica order, on every rank (one copy per sequence-parallel group). Collective."""
+    gathered = [None] * dims.world
+    dist.all_gather_object(gathered, batch.samples)
+    return [sample for rank_samples in gathered[::dims.sp] for sample in rank_samples]
+
+
 def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup) -> dict:
     """The step's metrics over all ranks: means by name of the per-rank values, rates and counts over replicas.
     Collective."""
@@ -124,9 +135,13 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "rollout_cache_bytes": float(batch.cache_bytes),
     })
     rewards = all_gather_cat(batch.rewards).view(dims.world, -1)[::dims.sp].flatten()  # one copy per replica
+    K = len(setup.rewards.names)
+    parts = all_gather_cat(batch.reward_parts).view(dims.world, -1, K)[::dims.sp].reshape(-1, K).T.tolist()
     return {
         "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-        "accuracy": (rewards == 1.0).float().mean().item(),
+        # each reward function's own mean (the reward is their weighted sum); accuracy: see RewardFunctions
+        **{f"reward/{name}": math.fsum(part) / len(part) for name, part in zip(setup.rewards.names, parts)},
+        "accuracy": setup.rewards.accuracy(parts),
         "loss": mean["loss"], "kl": mean["kl"], "clip_frac": mean["clip_frac"],
         "nonfinite_skips": int(mean["nonfinite_skips"]),  # optimizer steps skipped (the same on every rank)
         "prompt_length": mean["prompt_length"], "completion_length": mean["completion_length"],

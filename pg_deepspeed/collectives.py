@@ -11,7 +11,7 @@ def _distributed() -> bool:
 
 def collective_device() -> torch.device:
     """The device that the process group's backend reduces on: the current GPU for NCCL, else CPU."""
-    if dist.get_backend() == "nccl":
+    if _distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

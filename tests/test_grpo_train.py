@@ -288,6 +288,32 @@ def test_a_conversation_on_a_model_without_a_chat_template_is_refused_naming_its
     assert "row 0: a conversation needs a chat template: the tokenizer has none" in error
 
 
+# ------------------------------------------------------------------------------ held-out evaluation
+@pytest.mark.distributed
+def test_held_out_rows_are_evaluated_before_training_every_eval_steps_and_at_the_end(tmp_path):
+    data, out = tmp_path / "train.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n"
+                            for a in range(4) for b in range(3)))
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--dataset", str(data),
+        "--reward_fn", "numeric_match", "--output_dir", str(out), "--max_steps", "3", "--num_generations", "2",
+        "--max_new_tokens", "3", "--prompts_per_device", "2", "--eval_examples", "5", "--eval_steps", "2",
+        "--log_completions_steps", "1",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [("eval/accuracy" in r, "eval/reward_mean" in r) for r in rows] == [(True, True), (False, False),
+                                                                             (True, True), (True, True)]
+    for r in rows:
+        if "eval/accuracy" in r:  # 5 examples: a multiple of 1/5
+            assert abs(r["eval/accuracy"] * 5 - round(r["eval/accuracy"] * 5)) < 1e-9
+            assert 0.0 <= r["eval/reward_mean"] <= 1.0
+    trained = {s["prompt"] for s in map(json.loads, (out / "completions.jsonl").read_text().splitlines())}
+    assert len(trained) == 12 - 5  # 12 draws: every training row, and none of the 5 held out
+    assert (out / "reward.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------ a non-finite loss
 # a reward that varies between completions (tests/dist/varied_reward.py): non-zero advantages, so every step that is
 # not skipped moves the weights

@@ -33,6 +33,14 @@ class DataArguments:
         metadata={"help": "A local dataset: a .jsonl/.json/.parquet/.csv file, or a folder datasets.load_dataset or "
                   "load_from_disk opens. Its `prompt` is a string or a list of {role, content} messages."},
     )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "A held-out local dataset (same columns as --dataset) for the evaluation."}
+    )
+    eval_examples: int = field(
+        default=0,
+        metadata={"help": "Evaluate on this many held-out examples: rows of --eval_dataset (0 = all of them), else "
+                  "rows held out of --dataset (never trained on), else examples of the built-in task no step reads."},
+    )
     answer_column: str = field(default="answer", metadata={"help": "The --dataset column that holds the answers."})
     system_prompt: str | None = field(
         default=None, metadata={"help": "Replaces the conversation's system message, or adds one (needs a chat template)."}
@@ -153,6 +161,10 @@ class TrainArguments:
         default=3,
         metadata={"help": "Stop the run after this many consecutive optimizer steps whose loss or gradient norm was "
                   "NaN or inf on some rank (each is skipped on every rank; a checkpoint never holds such weights)."},
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "With an eval set: evaluate every N GRPO steps too (always at step 0 and at the end)."},
     )
     log_completions_steps: int = field(
         default=10,

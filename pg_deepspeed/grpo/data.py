@@ -10,7 +10,7 @@ import os
 import random
 import string
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -182,13 +182,33 @@ class FileDataset:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def rows(self, rows: Sequence[int]) -> "FileDataset":
+        """The same dataset restricted to `rows` (in that order), shuffled per epoch by the same seed."""
+        part = copy.copy(self)
+        part.prompts, part.answers = [self.prompts[r] for r in rows], [self.answers[r] for r in rows]
+        part._columns = {c: [values[r] for r in rows] for c, values in self._columns.items()}
+        part._orders = {}
+        return part
+
+    def hold_out(self, n: int) -> tuple["FileDataset", "FileDataset"]:
+        """(training rows, `n` held-out rows): the held-out ones are the first `n` of a permutation seeded apart from
+        the training shuffles, and the training set never reads them."""
+        if not 0 < n < len(self):
+            raise ValueError(f"--eval_examples {n}: holding out that many of --dataset {self.path!r}'s {len(self)} "
+                             "rows leaves none (or nothing to hold out)")
+        order = np.random.default_rng([self.seed, 2**32 - 1]).permutation(len(self)).tolist()
+        return self.rows(sorted(order[n:])), self.rows(sorted(order[:n]))
+
     def example(self, index: int) -> Example:
         """Row of `index` in a fresh seeded shuffle per epoch. Its other columns are copies: whatever a reward
         function does to them, example(index) stays a function of index alone."""
         epoch, offset = divmod(index, len(self))
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
-        row = int(self._orders[epoch][offset])
+        return self.at(int(self._orders[epoch][offset]))
+
+    def at(self, row: int) -> Example:
+        """Row `row` of the file (no shuffle)."""
         return Example(self.prompts[row], self.answers[row],
                        {c: copy.deepcopy(values[row]) for c, values in self._columns.items()})
 

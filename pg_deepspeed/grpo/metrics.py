@@ -35,8 +35,10 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.tb.add_scalar(f"train/{key}", value, metrics["step"])
+            if isinstance(value, (int, float)) and key != "step":  # "eval/..." and "reward/..." keep their group
+                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
+        if "reward_mean" not in metrics:  # the evaluation before any GRPO step
+            return
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
 
@@ -57,13 +59,13 @@ class MetricsLogger:
 
 
 def truncate_after(path: str, step: int) -> None:
-    """Keep the rows of steps <= ``step`` (a resume runs the later ones again); a last line cut short by a kill is
-    dropped."""
+    """Keep the rows of steps <= ``step`` (a resume runs the later ones again; from step 0 it runs everything again,
+    the evaluation before the first step included); a last line cut short by a kill is dropped."""
     if not os.path.exists(path):
         return
     rows = read_metrics(path)
     with open(f"{path}.tmp", "w") as f:  # then renamed: a kill now leaves the old file or the new one
-        f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+        f.writelines(json.dumps(row) + "\n" for row in rows if 0 < step and row["step"] <= step)
     os.replace(f"{path}.tmp", path)
 
 
@@ -85,8 +87,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_rewards(metrics_path: str, png_path: str) -> None:
-    """reward_mean per step with a ±std band and a moving average, accuracy, and the prompt length (a curriculum's
-    stages) on a second axis."""
+    """reward_mean per step with a ±std band and a moving average, accuracy, the held-out greedy accuracy at each
+    evaluation, and the prompt length (a curriculum's stages) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,6 +96,8 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     import numpy as np
 
     rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    evaluations = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    rows = [r for r in rows if "reward_mean" in r]  # training steps (the evaluation at step 0 has none)
     if not rows:  # e.g. a run stopped during its warm-up
         return
     steps = np.array([r["step"] for r in rows])
@@ -107,6 +111,8 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving average ({window} steps)")
     if all("accuracy" in r for r in rows):
         ax.plot(steps, [r["accuracy"] for r in rows], linestyle="--", alpha=0.7, label="accuracy")
+    if evaluations:
+        ax.plot(*zip(*evaluations), marker="o", color="black", label="held-out greedy accuracy")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward")
     ax.set_title("GRPO reward")

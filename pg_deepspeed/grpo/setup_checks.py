@@ -19,6 +19,7 @@ from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
 from pg_deepspeed.grpo.data import Curriculum, FileDataset, PromptSource, build_source, longest_prompt
+from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.loss import AGGREGATIONS
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
@@ -37,6 +38,7 @@ class TrainingSetup:
     prompt_format: PromptFormat  # how prompts become token ids: the chat template, or plain text
     config: PretrainedConfig
     source: PromptSource
+    eval_set: EvalSet | None  # the held-out examples (evaluation.py), or None
     rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
@@ -61,10 +63,15 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
                           answer_column=data_args.answer_column)
     prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
     max_length = check_prompt_lengths(prompt_format, source, config, grpo.max_new_tokens)
+    source, eval_set = held_out(data_args, source, train.seed)
+    if eval_set is not None:
+        max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, grpo.max_new_tokens))
     check_patchable(config, max_length)
     rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern)
     rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
+    if eval_set is not None:
+        rewards.check_columns(list(eval_set.examples[0].columns), where=eval_set.name)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -77,8 +84,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
-    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, rewards,
-                         ds_config, max_length)
+    return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, eval_set,
+                         rewards, ds_config, max_length)
 
 
 def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -105,7 +112,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         value = getattr(grpo, name, getattr(train, name, None))
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("save_steps", "save_total_limit", "sft_warmup_steps", "log_completions_steps"):
+    for name in ("save_steps", "save_total_limit", "sft_warmup_steps", "log_completions_steps", "eval_steps"):
         if getattr(train, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(train, name)}")
     if not 0.0 < grpo.top_p <= 1.0:
@@ -150,4 +157,20 @@ def check_prompt_lengths(prompt_format: PromptFormat, source: PromptSource, conf
             f"prompt {index} of {source.name}"
         raise ValueError(f"{where}: the prompt is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
                          f"the model's max_position_embeddings ({limit})")
+    return longest + max_new_tokens
+
+
+def check_eval_lengths(prompt_format: PromptFormat, eval_set: EvalSet, config, max_new_tokens: int) -> int:
+    """The longest held-out prompt + ``max_new_tokens``; an example past the model's positions is refused by index."""
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = 0
+    for i, example in enumerate(eval_set.examples):
+        try:
+            length = len(prompt_format.token_ids(example.prompt))
+        except ValueError as error:
+            raise ValueError(f"{eval_set.name}, example {i}: {error}") from None
+        if limit is not None and length + max_new_tokens > limit:
+            raise ValueError(f"{eval_set.name}, example {i}: the prompt is {length} tokens; with --max_new_tokens "
+                             f"{max_new_tokens} it exceeds the model's max_position_embeddings ({limit})")
+        longest = max(longest, length)
     return longest + max_new_tokens

@@ -17,7 +17,7 @@ import torch
 from pg_deepspeed.collectives import all_mean, broadcast_from_first
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
-from pg_deepspeed.generation.sampling import generate
+from pg_deepspeed.generation.sampling import Rollout, generate
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices
@@ -116,20 +116,8 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: 
     tokenizer = prompt_format.tokenizer
     prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in examples], device)
     generator = torch.Generator().manual_seed(hash((train.seed, step, replica)) % 2**63)
-    module = policy.module
-    was_training = module.training
-    module.eval()
-    with gathered_for_generation(policy, grpo.rollout_gather):
-        out = generate(
-            guard.interruptible(module), prompt_ids, prompt_mask, grpo.num_generations,
-            max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature, top_p=grpo.top_p,
-            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator, cache=grpo.rollout_cache,
-            prefill_chunk=grpo.rollout_prefill_chunk,
-        )
-    module.train(was_training)
-    if dims.sp > 1:
-        out.completion_ids, out.completion_mask = broadcast_from_first(
-            [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
+    out = sample(policy, prompt_ids, prompt_mask, grpo.num_generations, grpo, tokenizer, generator,
+                 grpo.temperature, dims, guard)
     G = grpo.num_generations
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     total, parts = rewards.score(
@@ -145,6 +133,31 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: 
     return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, reward,
                  group_advantages(reward, sizes, grpo.advantage), cache_bytes=out.cache_bytes,
                  reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples)
+
+
+def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, grpo: GRPOArguments, tokenizer,
+           generator: torch.Generator, temperature: float, dims: ParallelDims,
+           guard: PreemptionGuard | None = None) -> Rollout:
+    """G completions of each prompt ([B, Lp] left-padded) by the policy in eval mode, its weights gathered as
+    --rollout_gather says (temperature 0: greedy). Under sequence parallelism every rank of a group gets its first
+    rank's completions. Collective under ZeRO-3: every rank calls it the same number of times."""
+    module = getattr(policy, "module", policy)
+    was_training = module.training
+    module.eval()
+    try:
+        with gathered_for_generation(policy, grpo.rollout_gather):
+            out = generate(
+                guard.interruptible(module) if guard is not None else module, prompt_ids, prompt_mask, G,
+                max_new_tokens=grpo.max_new_tokens, temperature=temperature, top_p=grpo.top_p,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
+                cache=grpo.rollout_cache, prefill_chunk=grpo.rollout_prefill_chunk,
+            )
+    finally:
+        module.train(was_training)
+    if dims.sp > 1:
+        out.completion_ids, out.completion_mask = broadcast_from_first(
+            [out.completion_ids, out.completion_mask], policy.get_sequence_parallel_group())
+    return out
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.peak_memory import PeakMemory
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from pg_deepspeed.grpo.checkpointer import Checkpointer
+from pg_deepspeed.grpo.evaluation import evaluate
 from pg_deepspeed.grpo.metrics import MetricsLogger
 from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
@@ -53,6 +54,9 @@ def run(setup: TrainingSetup) -> None:
         if guard.stop_requested():  # during the warm-up: save its progress (all of it: GRPO step 0)
             logger.close()
             return checkpointer.stop(0, done if done < train.sft_warmup_steps else None)
+    if start.step == 0 and setup.eval_set is not None:  # the held-out score before any GRPO step
+        logger.log({"step": 0, **evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, grpo, train,
+                                          dims, rank, device, step=0)})
 
     for step in range(start.step + 1, train.max_steps + 1):
         t0, at_boundary = time.perf_counter(), current_rng_state()
@@ -69,8 +73,8 @@ def run(setup: TrainingSetup) -> None:
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
                    "rollout_peak_mem_bytes": float(rollout_peak.bytes)}
         logger.log({"step": step, **step_metrics(batch, stats, timings, setup),
-                    "lr": policy.get_lr()[0], "world_size": dims.world, "sequence_parallel_size": dims.sp,
-                    "node_ranks": nodes})
+                    **evaluation_at(step, setup, policy, rank, device), "lr": policy.get_lr()[0],
+                    "world_size": dims.world, "sequence_parallel_size": dims.sp, "node_ranks": nodes})
         if train.log_completions_steps and step % train.log_completions_steps == 0:
             logger.log_completions(step, replica_samples(batch, dims))
         checkpointer.after_step(step)
@@ -110,6 +114,15 @@ def build_engines(setup: TrainingSetup):
         return policy, None
     deepspeed.runtime.utils.set_random_seed(train.seed)  # a preset's reference gets the policy's initial weights
     return policy, init_reference(model_args.model, setup.ds_config, dims=setup.dims, **options)
+
+
+def evaluation_at(step: int, setup: TrainingSetup, policy, rank: int, device: torch.device) -> dict:
+    """The held-out metrics when `step` is an evaluation step (every --eval_steps, and the last), else {}."""
+    every, last = setup.train.eval_steps, step == setup.train.max_steps
+    if setup.eval_set is None or not (last or (every and step % every == 0)):
+        return {}
+    return evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, setup.grpo, setup.train, setup.dims,
+                    rank, device, step)
 
 
 def replica_samples(batch: Batch, dims: ParallelDims) -> list[dict]:

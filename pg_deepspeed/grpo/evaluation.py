@@ -1,0 +1,90 @@
+"""Held-out evaluation: greedy pass@1 and the sampled mean reward on examples the run never trains on.
+
+The held-out set is `--eval_dataset` (its first `--eval_examples` rows when that is set), or `--eval_examples` rows
+held out of `--dataset` (the training set never reads them), or for a built-in task `--eval_examples` examples from an
+index range no training or warm-up step reads (EVAL_OFFSET), at the task's final prompt length. Each evaluation runs
+on the policy of that moment, at step 0 (before any GRPO step), every `--eval_steps` and at the end:
+
+- `eval/accuracy`: greedy decoding (temperature 0), the share of examples whose reward reaches its maximum (every
+  positively weighted reward function returns 1.0: `RewardFunctions.accuracy`);
+- `eval/reward_mean`: one completion per example sampled as the rollout samples (temperature, top-p), its weighted
+  reward averaged.
+
+The examples are split over the data-parallel replicas; every rank makes the same number of generate calls (a
+replica short of examples repeats one and drops its result), as ZeRO-3's gathers require.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pg_deepspeed.collectives import collective_device
+from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, TrainArguments
+from pg_deepspeed.grpo.data import CurriculumTask, Example, FileDataset, PromptSource
+from pg_deepspeed.grpo.prompts import PromptFormat
+from pg_deepspeed.grpo.rewards import RewardFunctions, row_columns
+
+EVAL_OFFSET = 2**60  # built-in tasks: held-out examples are indexed from here (training < 2**60 <= warm-up 2**61)
+
+
+@dataclass
+class EvalSet:
+    name: str
+    examples: list[Example]
+
+
+def held_out(data: DataArguments, source: PromptSource, seed: int) -> tuple[PromptSource, EvalSet | None]:
+    """(the training source, the held-out set or None) that the options ask for."""
+    n = data.eval_examples
+    if n < 0:
+        raise ValueError(f"--eval_examples must be >= 0, got {n}")
+    if data.eval_dataset is not None:
+        evaluation = FileDataset(data.eval_dataset, seed, data.answer_column)
+        rows = range(min(n, len(evaluation)) if n else len(evaluation))
+        return source, EvalSet(f"--eval_dataset {evaluation.name}", [evaluation.at(r) for r in rows])
+    if n == 0:
+        return source, None
+    if isinstance(source, FileDataset):
+        source, evaluation = source.hold_out(n)
+        return source, EvalSet(f"{n} rows held out of {source.name}", [evaluation.at(r) for r in range(n)])
+    task = source.final_task if isinstance(source, CurriculumTask) else source
+    return source, EvalSet(f"{n} held-out examples of {task.name}", [task.example(EVAL_OFFSET + i) for i in range(n)])
+
+
+def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: RewardFunctions, grpo: GRPOArguments,
+             train: TrainArguments, dims: ParallelDims, rank: int, device: torch.device, step: int) -> dict:
+    """{"eval/accuracy", "eval/reward_mean"} over the whole held-out set, the same on every rank. Collective."""
+    from pg_deepspeed.grpo.steps import sample  # the rollout's sampling, one piece of code
+
+    replica, per = dims.replica(rank), train.prompts_per_device
+    mine = eval_set.examples[replica::dims.dp]
+    calls = math.ceil(math.ceil(len(eval_set.examples) / dims.dp) / per)
+    tokenizer = prompt_format.tokenizer
+    correct, reward_sum = 0.0, 0.0
+    for call in range(calls):
+        chunk = mine[call * per:(call + 1) * per]
+        real = len(chunk)
+        chunk = chunk or eval_set.examples[:1]  # an idle call: the generate calls are collectives
+        prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in chunk], device)
+        prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
+        columns = row_columns([e.columns for e in chunk], 1)
+        generator = torch.Generator().manual_seed(hash((train.seed, "eval", step, replica, call)) % 2**63)
+        for temperature in (0.0, grpo.temperature):
+            out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims)
+            texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+            total, parts = rewards.score(prompts, texts, answers, columns)
+            if temperature == 0.0:
+                correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
+            else:
+                reward_sum += math.fsum(total[:real])
+    counts = torch.tensor([correct, reward_sum, float(len(mine))], dtype=torch.float64, device=collective_device())
+    if rank % dims.sp:  # one copy per replica: the other ranks of a sequence-parallel group hold the same examples
+        counts.zero_()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    correct, reward_sum, count = counts.tolist()
+    return {"eval/accuracy": correct / count, "eval/reward_mean": reward_sum / count}

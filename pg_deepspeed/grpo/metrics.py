@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: a tqdm bar, metrics.jsonl, completions.jsonl, TensorBoard events and the reward plot."""
+"""Run outputs on rank 0: a tqdm bar, metrics.jsonl, completions.jsonl, the trackers of --report_to (tracking.py) and
+the reward plot."""
 from __future__ import annotations
 
 import json
@@ -6,15 +7,20 @@ import os
 
 from tqdm.auto import tqdm
 
+from pg_deepspeed.grpo.tracking import build_trackers
+
 
 class MetricsLogger:
-    """Writes one JSON object per step to `metrics.jsonl` and the same scalars to TensorBoard.
+    """Writes one JSON object per step to `metrics.jsonl` and the same scalars to the trackers (`report_to`:
+    tensorboard, wandb; see tracking.py).
 
     Every rank may construct it; only rank 0 writes. On resume, lines past the resumed step are dropped
     so the file holds each step exactly once.
     """
 
-    def __init__(self, output_dir: str, *, rank: int, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, output_dir: str, *, rank: int, total_steps: int, start_step: int = 0,
+                 report_to: tuple[str, ...] = ("tensorboard",), project: str = "pg_deepspeed",
+                 config: dict | None = None) -> None:
         self.enabled = rank == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.completions_path = os.path.join(output_dir, "completions.jsonl")
@@ -24,9 +30,7 @@ class MetricsLogger:
         os.makedirs(output_dir, exist_ok=True)
         for path in (self.path, self.completions_path):
             truncate_after(path, start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        self.trackers = build_trackers(list(report_to), output_dir, start_step, project, config or {})
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
@@ -34,9 +38,8 @@ class MetricsLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":  # "eval/..." and "reward/..." keep their group
-                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
+        for tracker in self.trackers:
+            tracker.log(metrics, metrics["step"])
         if "reward_mean" not in metrics:  # the evaluation before any GRPO step
             return
         self.bar.update(1)
@@ -49,12 +52,15 @@ class MetricsLogger:
             return
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+        for tracker in self.trackers:
+            tracker.log_completions(step, samples)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.bar.close()
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         plot_rewards(self.path, os.path.join(self.output_dir, "reward.png"))
 
 

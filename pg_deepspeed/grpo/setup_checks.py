@@ -22,6 +22,7 @@ from pg_deepspeed.grpo.data import Curriculum, FileDataset, PromptSource, build_
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.loss import AGGREGATIONS
 from pg_deepspeed.grpo.prompts import PromptFormat
+from pg_deepspeed.grpo.tracking import check_report_to
 from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
 
 
@@ -42,6 +43,10 @@ class TrainingSetup:
     rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
+
+    def options(self) -> dict:
+        """Every option of the run by name (a tracker's config)."""
+        return {k: v for args in (self.model_args, self.data_args, self.grpo, self.train) for k, v in vars(args).items()}
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments,
@@ -121,6 +126,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         raise ValueError(f"--temperature must be > 0, got {grpo.temperature}")
     if grpo.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {grpo.beta}")
+    check_report_to(train.report_to)
     if grpo.rollout_prefill_chunk < 0:
         raise ValueError(f"--rollout_prefill_chunk must be >= 0 (0 = the whole prompt at once), "
                          f"got {grpo.rollout_prefill_chunk}")

@@ -44,7 +44,8 @@ def run(setup: TrainingSetup) -> None:
     nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")
     checkpointer = Checkpointer(policy, train, rank, guard)
     start = checkpointer.resume()
-    logger = MetricsLogger(train.output_dir, rank=rank, total_steps=train.max_steps, start_step=start.step)
+    logger = MetricsLogger(train.output_dir, rank=rank, total_steps=train.max_steps, start_step=start.step,
+                           report_to=tuple(train.report_to), project=train.wandb_project, config=setup.options())
     nodes = [0] * dims.world
     dist.all_gather_object(nodes, node_rank())
 

@@ -72,7 +72,8 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
         prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in chunk], device)
         prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
         columns = row_columns([e.columns for e in chunk], 1)
-        generator = torch.Generator().manual_seed(hash((train.seed, "eval", step, replica, call)) % 2**63)
+        # ints only: a str's hash differs between processes (PYTHONHASHSEED), an int tuple's does not
+        generator = torch.Generator().manual_seed(hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63)
         for temperature in (0.0, grpo.temperature):
             out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims)
             texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)

@@ -111,7 +111,7 @@ def test_missing_dataset_file_fails_fast(tmp_path):
 def test_dataset_row_without_prompt_fails_fast(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
-    assert "row 1: missing or empty 'prompt'" in train_fails_with(tmp_path, "--dataset", str(data))
+    assert "row 1: the prompt is missing" in train_fails_with(tmp_path, "--dataset", str(data))
 
 
 def test_group_size_below_two_fails_fast_for_grpo(tmp_path):

@@ -47,7 +47,7 @@ FLOORS_PY    := $(FLOORS_VENV)/bin/python
 FLOORS_STAMP := $(FLOORS_VENV)/.installed
 FLOORS_TESTS := tests/test_layout.py tests/test_attention.py tests/test_patch.py tests/test_logprobs.py \
 	tests/test_compat.py tests/test_grpo_update.py tests/test_grpo_components.py tests/test_grpo_metrics.py \
-	tests/test_rewards.py
+	tests/test_rewards.py tests/test_reasoning_gym.py
 
 $(FLOORS_STAMP): setup.cfg pyproject.toml .ci/floors.py
 	test -x $(FLOORS_PY) || python3 -m venv $(FLOORS_VENV)

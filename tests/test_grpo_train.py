@@ -340,6 +340,39 @@ def test_held_out_rows_are_evaluated_before_training_every_eval_steps_and_at_the
     assert (out / "reward.png").stat().st_size > 0
 
 
+# ------------------------------------------------------------------------------ a reasoning-gym task
+@pytest.mark.distributed
+def test_a_reasoning_gym_task_trains_on_its_indexed_examples_scored_by_its_own_scorer(tmp_path):
+    """--task reasoning_gym:basic_arithmetic: each step's prompts are the task's examples at that step's indices
+    (what a resume rereads), and the default reward is the task's scorer, logged as reward/reasoning_gym."""
+    from pg_deepspeed.grpo.data import build_source
+
+    out = tmp_path / "run"
+    result = run_deepspeed(
+        "launch/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--task", "reasoning_gym:basic_arithmetic",
+        "--task_config", '{"max_terms": 3, "max_digits": 2}', "--output_dir", str(out), "--max_steps", "2",
+        "--no_export", "--num_generations", "2", "--max_new_tokens", "4", "--prompts_per_device", "2",
+        "--curriculum_start_length", "0", "--eval_examples", "2", "--log_completions_steps", "1",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0.0 <= r["reward/reasoning_gym"] <= 1.0
+        assert abs(r["reward_mean"] - r["reward/reasoning_gym"]) <= 1e-9  # the one function, weight 1
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    task = build_source("reasoning_gym:basic_arithmetic", None, 256, seed=0,
+                        task_config='{"max_terms": 3, "max_digits": 2}')
+    shown = [json.loads(line)["prompt"] for line in (out / "completions.jsonl").read_text().splitlines()]
+    expected = [task.example(i).prompt for i in range(8)]  # 2 steps x 2 ranks x 2 prompts, indices 0..7
+    assert len(shown) == 8 * 2 and all(any(p.endswith(e) for p in shown) for e in expected), (shown, expected)
+
+
+def test_a_bad_task_config_is_one_line(tmp_path):
+    err = train_fails_with(tmp_path, "--task", "reasoning_gym:basic_arithmetic", "--task_config", '{"min_term": 2}')
+    assert "--task_config option 'min_term': reasoning_gym:basic_arithmetic has no such option" in err
+
+
 # ------------------------------------------------------------------------------ a non-finite loss
 # a reward that varies between completions (tests/dist/varied_reward.py): non-zero advantages, so every step that is
 # not skipped moves the weights

@@ -26,7 +26,14 @@ class ModelArguments:
 class DataArguments:
     task: str = field(
         default="needle",
-        metadata={"help": "Built-in synthetic task (needle, majority, kv_retrieval), used without --dataset."},
+        metadata={"help": "Used without --dataset: a built-in synthetic task (needle, majority, kv_retrieval), or "
+                  "reasoning_gym:<name>, a generator of the reasoning-gym package (e.g. reasoning_gym:needle_haystack) "
+                  "scored by its own scorer."},
+    )
+    task_config: str | None = field(
+        default=None,
+        metadata={"help": "A reasoning_gym:<name> task's generator options, a JSON object, e.g. "
+                  "'{\"min_num_statements\": 50}' (unset: its defaults; seed and size are the run's)."},
     )
     dataset: str | None = field(
         default=None,
@@ -39,7 +46,8 @@ class DataArguments:
     eval_examples: int = field(
         default=0,
         metadata={"help": "Evaluate on this many held-out examples: rows of --eval_dataset (0 = all of them), else "
-                  "rows held out of --dataset (never trained on), else examples of the built-in task no step reads."},
+                  "rows held out of --dataset (never trained on), else examples of the built-in or reasoning_gym task "
+                  "no step reads."},
     )
     answer_column: str = field(default="answer", metadata={"help": "The --dataset column that holds the answers."})
     system_prompt: str | None = field(
@@ -57,7 +65,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Built-in tasks: prompts grow by doubling from this length to --prompt_length over the "
                   f"first --curriculum_fraction of the steps (unset: {DEFAULT_CURRICULUM_START}; 0 = none; not "
-                  "with --dataset)."},
+                  "with --dataset or a reasoning_gym task)."},
     )
     curriculum_fraction: float = field(
         default=0.5, metadata={"help": "Share of --max_steps over which the curriculum grows the prompts."}
@@ -88,9 +96,9 @@ class GRPOArguments:
     reward_fn: list[str] | None = field(
         default=None,
         metadata={"help": "One or more reward functions, space-separated: built-ins (exact_match, numeric_match, "
-                  "math_accuracy, format) or module:function, each called as f(prompts, completions, answers, "
-                  "**columns) -> list of floats; the reward is their weighted sum (unset: the task's own, "
-                  "exact_match for a --dataset)."},
+                  "math_accuracy, format, reasoning_gym) or module:function, each called as f(prompts, completions, "
+                  "answers, **columns) -> list of floats; the reward is their weighted sum (unset: the task's own, "
+                  "reasoning_gym for a reasoning_gym task, exact_match for a --dataset)."},
     )
     reward_weights: list[float] | None = field(
         default=None,

@@ -1,9 +1,9 @@
 """Held-out evaluation: greedy pass@1 and the sampled mean reward on examples the run never trains on.
 
 The held-out set is `--eval_dataset` (its first `--eval_examples` rows when that is set), or `--eval_examples` rows
-held out of `--dataset` (the training set never reads them), or for a built-in task `--eval_examples` examples from an
-index range no training or warm-up step reads (EVAL_OFFSET), at the task's final prompt length. Each evaluation runs
-on the policy of that moment, at step 0 (before any GRPO step), every `--eval_steps` and at the end:
+held out of `--dataset` (the training set never reads them), or for a built-in or reasoning-gym task `--eval_examples`
+examples from an index range no training or warm-up step reads (EVAL_OFFSET), at the task's final prompt length. Each
+evaluation runs on the policy of that moment, at step 0 (before any GRPO step), every `--eval_steps` and at the end:
 
 - `eval/accuracy`: greedy decoding (temperature 0), the share of examples whose reward reaches its maximum (every
   positively weighted reward function returns 1.0: `RewardFunctions.accuracy`);
@@ -28,7 +28,8 @@ from pg_deepspeed.grpo.data import CurriculumTask, Example, FileDataset, PromptS
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.rewards import RewardFunctions, row_columns
 
-EVAL_OFFSET = 2**60  # built-in tasks: held-out examples are indexed from here (training < 2**60 <= warm-up 2**61)
+# built-in and reasoning-gym tasks: held-out examples are indexed from here (training < 2**60 <= warm-up 2**61)
+EVAL_OFFSET = 2**60
 
 
 @dataclass

@@ -10,6 +10,9 @@ message naming it.
 
 `--reward_fn a b` with `--reward_weights wa wb`: the reward of a completion is `wa * a + wb * b`
 (:class:`RewardFunctions`); advantages are computed from it, and each function's own mean is logged as `reward/<name>`.
+
+A `--task reasoning_gym:<name>` is scored by default by `reasoning_gym` (:func:`make_reasoning_gym`): the
+generator's own scorer, given the completion's answer and the example's entry.
 """
 from __future__ import annotations
 
@@ -135,6 +138,43 @@ def make_math_accuracy(pattern: str = DEFAULT_FORMAT_PATTERN) -> RewardFn:
     return reward
 
 
+REASONING_GYM_REWARD = "reasoning_gym"  # the --reward_fn name of a reasoning-gym task's own scorer
+
+
+def reasoning_gym_answer(completion: str) -> str:
+    """What a reasoning-gym scorer is given: the content of the completion's last `<answer>...</answer>` tag,
+    stripped (reasoning-gym's own `utils.extract_answer`), or the whole completion, stripped, when it has none."""
+    from reasoning_gym.utils import extract_answer
+
+    answer = extract_answer(completion)
+    return completion.strip() if answer is None else answer
+
+
+def make_reasoning_gym(score_answer: Callable[[str, dict], float], task: str = "") -> RewardFn:
+    """The built-in `reasoning_gym`: `score_answer(answer, entry)` (the task's generator's own scorer, 0.0 to 1.0)
+    of each completion's answer (:func:`reasoning_gym_answer`) against its example's entry (the `entry` column).
+    A completion the scorer raises on (some scorers parse the answer: `int("abc")`) scores 0, with one warning per
+    run naming the task and the error."""
+    warned = []
+
+    def reward(prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str],
+               entry: Sequence[dict]) -> list[float]:
+        out = []
+        for completion, e in zip(completions, entry):
+            try:
+                out.append(float(score_answer(reasoning_gym_answer(completion), e)))
+            except Exception as error:  # a scorer choking on a malformed answer: that answer is wrong
+                if not warned:
+                    warned.append(error)
+                    warnings.warn(f"reasoning_gym: the scorer of {task or 'the task'} raised {type(error).__name__} "
+                                  f"({error}) on an answer; such answers score 0 (warned once)")
+                out.append(0.0)
+        return out
+
+    reward.__name__ = REASONING_GYM_REWARD
+    return reward
+
+
 # the built-ins by --reward_fn name, each made from --format_pattern (which only math_accuracy and format read)
 BUILTIN: dict[str, Callable[[str], RewardFn]] = {
     "exact_match": lambda pattern: exact_match, "numeric_match": lambda pattern: numeric_match,
@@ -143,14 +183,25 @@ BUILTIN: dict[str, Callable[[str], RewardFn]] = {
 
 
 def resolve_reward_fn(spec: str | None, *, synthetic: bool, format_reward: float,
-                      format_pattern: str = DEFAULT_FORMAT_PATTERN) -> RewardFn:
-    """`spec` is None (the task's default), a built-in name, or `module:function`."""
+                      format_pattern: str = DEFAULT_FORMAT_PATTERN,
+                      task_scorer: Callable[[str, dict], float] | None = None, task: str = "") -> RewardFn:
+    """`spec` is None (the task's default), a built-in name, or `module:function`. `task_scorer`: a reasoning-gym
+    task's `score_answer` (`task` its name), which makes `reasoning_gym` the default; else that name is refused."""
     if spec is None:
+        if task_scorer is not None:
+            return make_reasoning_gym(task_scorer, task)
         return digit_answer(format_reward) if synthetic else exact_match
+    if spec == REASONING_GYM_REWARD:
+        if task_scorer is None:
+            data = f"--task {task}" if task else "this data"
+            raise ValueError(f"--reward_fn {REASONING_GYM_REWARD} scores with a reasoning-gym task's own scorer: it "
+                             f"needs --task reasoning_gym:<name>, not {data}")
+        return make_reasoning_gym(task_scorer, task)
     if spec in BUILTIN:
         return BUILTIN[spec](format_pattern)
     if ":" not in spec:
-        raise ValueError(f"--reward_fn {spec!r}: expected one of {sorted(BUILTIN)} or 'module:function'")
+        raise ValueError(f"--reward_fn {spec!r}: expected one of {sorted([*BUILTIN, REASONING_GYM_REWARD])} or "
+                         "'module:function'")
     module_name, fn_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
@@ -320,14 +371,17 @@ class RewardFunctions:
 
 
 def resolve_rewards(reward_fn: str | Sequence[str] | None, weights: str | Sequence[float] | None, *, synthetic: bool,
-                    format_reward: float, format_pattern: str = DEFAULT_FORMAT_PATTERN) -> RewardFunctions:
+                    format_reward: float, format_pattern: str = DEFAULT_FORMAT_PATTERN,
+                    task_scorer: Callable[[str, dict], float] | None = None, task: str = "") -> RewardFunctions:
     """`--reward_fn` (None: the task's default; else one or more specs) and `--reward_weights` as a
-    :class:`RewardFunctions`. ValueError naming the option for anything wrong."""
+    :class:`RewardFunctions`; `task_scorer`, `task`: a reasoning-gym task's (see :func:`resolve_reward_fn`).
+    ValueError naming the option for anything wrong."""
     specs = reward_specs(reward_fn)
     weights = reward_weights(weights, max(1, len(specs)), default=not specs)
     fns = []
     for spec in specs or [None]:
-        fn = resolve_reward_fn(spec, synthetic=synthetic, format_reward=format_reward, format_pattern=format_pattern)
+        fn = resolve_reward_fn(spec, synthetic=synthetic, format_reward=format_reward, format_pattern=format_pattern,
+                               task_scorer=task_scorer, task=task)
         try:
             keyword_columns(fn)
         except TypeError as e:

@@ -18,7 +18,8 @@ from pg_deepspeed.generation.sampling import CACHE_MODES
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
-from pg_deepspeed.grpo.data import Curriculum, FileDataset, PromptSource, build_source, longest_prompt
+from pg_deepspeed.grpo.data import (SFT_OFFSET, Curriculum, FileDataset, PromptSource, ReasoningGymTask, build_source,
+                                    is_reasoning_gym, longest_prompt)
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.loss import AGGREGATIONS
 from pg_deepspeed.grpo.prompts import PromptFormat
@@ -65,7 +66,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         raise ValueError(f"--{error}") from None
     source = build_source(data_args.task, data_args.dataset, data_args.prompt_length, train.seed, curriculum,
                           examples_per_step=dims.dp * train.prompts_per_device * train.gradient_accumulation_steps,
-                          answer_column=data_args.answer_column)
+                          answer_column=data_args.answer_column, task_config=data_args.task_config)
+    if isinstance(source, ReasoningGymTask) and train.sft_warmup_steps > 0 and not source.example(SFT_OFFSET).answer:
+        raise ValueError(f"--sft_warmup_steps {train.sft_warmup_steps}: --task {source.name} has no reference answers "
+                         "to imitate (its scorer judges each completion); leave it 0")
     prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
     max_length = check_prompt_lengths(prompt_format, source, config, grpo.max_new_tokens)
     source, eval_set = held_out(data_args, source, train.seed)
@@ -73,7 +77,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, grpo.max_new_tokens))
     check_patchable(config, max_length)
     rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
-                              format_reward=grpo.format_reward, format_pattern=grpo.format_pattern)
+                              format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
+                              task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,
+                              task=source.name if data_args.dataset is None else "")
     rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
     if eval_set is not None:
         rewards.check_columns(list(eval_set.examples[0].columns), where=eval_set.name)
@@ -137,14 +143,20 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
     """The prompt-length curriculum the options ask for. Unset, the built-in tasks grow from
-    DEFAULT_CURRICULUM_START tokens (when --prompt_length is longer) and a --dataset has none; 0 turns it off."""
+    DEFAULT_CURRICULUM_START tokens (when --prompt_length is longer), and a --dataset or a reasoning-gym task has
+    none (asking for one with a reasoning-gym task is refused); 0 turns it off."""
     start = data.curriculum_start_length
+    reasoning_gym = data.dataset is None and is_reasoning_gym(data.task)
     if start is None:
-        if data.dataset is not None or data.prompt_length <= DEFAULT_CURRICULUM_START:
+        if data.dataset is not None or reasoning_gym or data.prompt_length <= DEFAULT_CURRICULUM_START:
             return None
         start = DEFAULT_CURRICULUM_START
     if start == 0:
         return None
+    if reasoning_gym:
+        raise ValueError(f"--curriculum_start_length {start}: the curriculum grows the built-in synthetic tasks' "
+                         f"prompts; --task {data.task}'s are its generator's (their difficulty is --task_config's; "
+                         "leave it unset or 0)")
     if not 0.0 < data.curriculum_fraction <= 1.0:
         raise ValueError(f"--curriculum_fraction must be in (0, 1], got {data.curriculum_fraction}")
     try:

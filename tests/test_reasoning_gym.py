@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
-from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, ReasoningGymTask, build_source
+from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, build_source
+from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask
 from pg_deepspeed.grpo.evaluation import EVAL_OFFSET, held_out
 from pg_deepspeed.grpo.rewards import reasoning_gym_answer, resolve_rewards, row_columns
 from pg_deepspeed.grpo.setup_checks import curriculum_of, prepare

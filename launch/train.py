@@ -13,6 +13,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from pg_deepspeed.collectives import end_process
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from pg_deepspeed.grpo.setup_checks import prepare
 from pg_deepspeed.grpo.trainer import run
@@ -25,3 +26,4 @@ if __name__ == "__main__":
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     run(setup)
+    end_process()  # run() has shut the process groups down: this only skips the teardown

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from reference import padded_completion_logprobs  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed import completion_logprobs  # noqa: E402
 from pg_deepspeed.distributed.engines import build_model, init_policy, init_reference  # noqa: E402
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
@@ -102,8 +102,8 @@ def main() -> None:
         not torch.equal(moved[k], v) for k, v in plain.state_dict().items() if k in moved)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from reference import random_grpo_batch  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed import completion_logprobs  # noqa: E402
 from pg_deepspeed.distributed.engines import init_reference, load_config  # noqa: E402
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
@@ -60,8 +60,8 @@ def main() -> None:
     deepspeed.init_distributed()
     for model_dir in args.dirs:
         check_dir(model_dir, args.out)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

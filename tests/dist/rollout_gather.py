@@ -34,7 +34,7 @@ for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_g
 import deepspeed  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed.distributed.engines import build_model, init_policy  # noqa: E402
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
 from pg_deepspeed.distributed.rollout_weights import gathered_for_generation  # noqa: E402
@@ -106,8 +106,8 @@ def main() -> None:
     if rank == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(results, f)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from reference import padded_completion_logprobs, tiny_causal_lm, tiny_gpt_oss  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed import completion_logprobs, patch_model  # noqa: E402
 from pg_deepspeed.layouts.packing import pack_completions  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
@@ -162,8 +162,8 @@ def main() -> None:
     if rank == 0:
         with open(os.path.join(args.out, "sequence_parallel.json"), "w") as file:
             json.dump(results, file)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

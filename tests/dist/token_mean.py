@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from reference import padded_completion_logprobs, tiny_causal_lm  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed import patch_model  # noqa: E402
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments  # noqa: E402
 from pg_deepspeed.grpo.nonfinite import NonFiniteGuard  # noqa: E402
@@ -101,8 +101,8 @@ def main() -> None:
 
         with open(os.path.join(args.out, "token_mean.json"), "w") as file:
             json.dump(result, file)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -21,7 +21,7 @@ from test_trl import _train  # noqa: E402  (the same train() runner as the singl
 
 from trl import GRPOTrainer  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed.integrations.trl import PrefixGroupedGRPOTrainer  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -53,4 +53,4 @@ for cls in (GRPOTrainer, PrefixGroupedGRPOTrainer):
 rank = dist.get_rank()
 torch.save(result, Path(args.out) / f"rank{rank}.pt")
 print(f"rank {rank} done", flush=True)
-shutdown()
+end_process()

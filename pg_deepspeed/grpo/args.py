@@ -174,6 +174,11 @@ class TrainArguments:
         default=0,
         metadata={"help": "With an eval set: evaluate every N GRPO steps too (always at step 0 and at the end)."},
     )
+    per_device_eval_batch_size: int = field(
+        default=0,
+        metadata={"help": "Held-out prompts each rank decodes at once in an evaluation (0 = --prompts_per_device). "
+                  "Each holds a prompt cache of its own (a rollout's G rows share one): more costs prompt memory."},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
         metadata={"help": "Trackers besides metrics.jsonl (always written): tensorboard, wandb (offline unless "

@@ -8,7 +8,8 @@ evaluation runs on the policy of that moment, at step 0 (before any GRPO step), 
 - `eval/accuracy`: greedy decoding (temperature 0), the share of examples whose reward reaches its maximum (every
   positively weighted reward function returns 1.0: `RewardFunctions.accuracy`);
 - `eval/reward_mean`: one completion per example sampled as the rollout samples (temperature, top-p), its weighted
-  reward averaged.
+  reward averaged;
+- `eval/reward/<name>`: each reward function's mean over the greedy completions (which part of the task is learnt).
 
 The examples are split over the data-parallel replicas; every rank makes the same number of generate calls (a
 replica short of examples repeats one and drops its result), as ZeRO-3's gathers require.
@@ -60,11 +61,12 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
     """{"eval/accuracy", "eval/reward_mean"} over the whole held-out set, the same on every rank. Collective."""
     from pg_deepspeed.grpo.steps import sample  # the rollout's sampling, one piece of code
 
-    replica, per = dims.replica(rank), train.prompts_per_device
+    replica, per = dims.replica(rank), train.per_device_eval_batch_size or train.prompts_per_device
     mine = eval_set.examples[replica::dims.dp]
     calls = math.ceil(math.ceil(len(eval_set.examples) / dims.dp) / per)
     tokenizer = prompt_format.tokenizer
     correct, reward_sum = 0.0, 0.0
+    greedy_sums = dict.fromkeys(rewards.names, 0.0)  # each function's greedy mean: which part of the task is learnt
     for call in range(calls):
         chunk = mine[call * per:(call + 1) * per]
         real = len(chunk)
@@ -80,11 +82,15 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
             total, parts = rewards.score(prompts, texts, answers, columns)
             if temperature == 0.0:
                 correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
+                for name, part in zip(rewards.names, parts):
+                    greedy_sums[name] += math.fsum(part[:real])
             else:
                 reward_sum += math.fsum(total[:real])
     # one copy per replica: the other ranks of a sequence-parallel group hold the same examples (ratios of the means
     # over ranks are ratios of the sums)
     mine_count = 0.0 if rank % dims.sp else float(len(mine))
-    means = all_mean({"correct": correct if mine_count else 0.0, "reward": reward_sum if mine_count else 0.0,
-                      "count": mine_count})
-    return {"eval/accuracy": means["correct"] / means["count"], "eval/reward_mean": means["reward"] / means["count"]}
+    sums = {"correct": correct, "reward": reward_sum, **{f"eval/reward/{n}": v for n, v in greedy_sums.items()}}
+    means = all_mean({**{k: v if mine_count else 0.0 for k, v in sums.items()}, "count": mine_count})
+    count = means.pop("count")
+    return {"eval/accuracy": means.pop("correct") / count, "eval/reward_mean": means.pop("reward") / count,
+            **{k: v / count for k, v in means.items()}}

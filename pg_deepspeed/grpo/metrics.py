@@ -1,5 +1,5 @@
 """Run outputs on rank 0: a tqdm bar, metrics.jsonl, completions.jsonl, the trackers of --report_to (tracking.py) and
-the reward plot."""
+the plots (reward.png; eval.png when the run evaluates)."""
 from __future__ import annotations
 
 import json
@@ -62,6 +62,10 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
         plot_rewards(self.path, os.path.join(self.output_dir, "reward.png"))
+        plot_evaluation(self.path, os.path.join(self.output_dir, "eval.png"))
+        summary = evaluation_summary(read_metrics(self.path))
+        if summary:
+            tqdm.write(summary)
 
 
 def truncate_after(path: str, step: int) -> None:
@@ -90,6 +94,17 @@ def read_metrics(path: str) -> list[dict]:
             if any(rest.strip() for rest in lines[number:]):
                 raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}") from None
     return rows
+
+
+def evaluation_summary(rows: list[dict]) -> str | None:
+    """One line: the held-out greedy accuracy at the first and the last evaluation of the run, and the change."""
+    evaluations = [r for r in rows if "eval/accuracy" in r]
+    if not evaluations:
+        return None
+    first, last = evaluations[0], evaluations[-1]
+    return (f"held-out greedy accuracy: {first['eval/accuracy']:.3f} at step {first['step']} -> "
+            f"{last['eval/accuracy']:.3f} at step {last['step']} ({last['eval/accuracy'] - first['eval/accuracy']:+.3f}"
+            f" over {len(evaluations)} evaluations)")
 
 
 def plot_rewards(metrics_path: str, png_path: str) -> None:
@@ -131,6 +146,52 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
         more = lengths.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_evaluation(metrics_path: str, png_path: str) -> None:
+    """Two panels: the held-out metrics at each evaluation (greedy `eval/accuracy`, sampled `eval/reward_mean`), and
+    each reward function's training mean (`reward/<name>`, a moving average) per step. Nothing when the run never
+    evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    evaluations = [r for r in rows if "eval/accuracy" in r]
+    if not evaluations:
+        return
+    fig, (held_out, parts) = plt.subplots(1, 2, figsize=(11, 4))
+    eval_steps = [r["step"] for r in evaluations]
+    held_out.plot(eval_steps, [r["eval/accuracy"] for r in evaluations], marker="o", color="black",
+                  label="greedy accuracy (pass@1)")
+    held_out.plot(eval_steps, [r["eval/reward_mean"] for r in evaluations], marker="s", linestyle="--",
+                  label="sampled reward mean")
+    for name in sorted({key for r in evaluations for key in r if key.startswith("eval/reward/")}):
+        held_out.plot(eval_steps, [r.get(name, float("nan")) for r in evaluations], marker=".", linewidth=1,
+                      alpha=0.7, label=f"greedy {name.removeprefix('eval/reward/')}")
+    held_out.set_title(f"held-out evaluation ({len(evaluations)} evaluations)")
+    held_out.set_xlabel("GRPO step")
+    held_out.grid(alpha=0.3)
+    held_out.legend(fontsize=8)
+    training = [r for r in rows if "reward_mean" in r]
+    names = sorted({key for r in training for key in r if key.startswith("reward/")})
+    window = max(1, len(training) // 10)
+    for name in names:
+        points = [(r["step"], r[name]) for r in training if name in r]
+        steps, values = np.array([s for s, _ in points]), np.array([v for _, v in points])
+        if len(values) >= window:
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            parts.plot(steps[window - 1:], smooth, linewidth=2, label=f"{name} (moving average, {window} steps)")
+    parts.set_title("training reward per function")
+    parts.set_xlabel("GRPO step")
+    parts.grid(alpha=0.3)
+    if names:
+        parts.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

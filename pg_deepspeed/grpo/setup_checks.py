@@ -123,7 +123,8 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         value = getattr(grpo, name, getattr(train, name, None))
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("save_steps", "save_total_limit", "sft_warmup_steps", "log_completions_steps", "eval_steps"):
+    for name in ("save_steps", "save_total_limit", "sft_warmup_steps", "log_completions_steps", "eval_steps",
+                 "per_device_eval_batch_size"):
         if getattr(train, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(train, name)}")
     if not 0.0 < grpo.top_p <= 1.0:

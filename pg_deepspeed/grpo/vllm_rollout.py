@@ -13,6 +13,7 @@ weight sync. The default and the measurements behind it: docs/trainer.md.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from pg_deepspeed.collectives import all_gather_cat, all_mean
 from pg_deepspeed.distributed.ds_config import dtype_name
@@ -50,6 +51,9 @@ class VLLMRollout:
             logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed,
         )
         self.weights = WeightSync(self.engine, device)
+        if dist.get_rank() == 0:
+            print(f"[pg_deepspeed] vLLM engine started in {self.engine.start_time_s:.1f} s on every rank "
+                  f"(enforce_eager={grpo.vllm_enforce_eager})", flush=True)
         self.synced_version: int | None = None
 
     def refresh(self, policy) -> dict:

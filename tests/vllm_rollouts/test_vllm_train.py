@@ -44,7 +44,7 @@ def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm") / "run"
-    result = run_deepspeed("launch/train.py", *ARGS, "--max_steps", "3", "--save_steps", "1",
+    result = run_deepspeed("launch/train.py", *ARGS, "--max_steps", "3", "--save_steps", "1", "--eval_examples", "4",
                            "--output_dir", str(out), env=ENV)
     assert result.returncode == 0, result.stdout[-6000:]
     return out, result.stdout
@@ -52,9 +52,12 @@ def three_steps(tmp_path_factory):
 
 @pytest.mark.distributed
 def test_three_steps_sample_the_policy_being_trained(three_steps):
-    out, _ = three_steps
+    out, stdout = three_steps
+    assert "[pg_deepspeed] vLLM engine started in" in stdout
     metrics = rows(out)
-    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3]  # the held-out evaluation before the first step, then 3
+    assert all(0 <= r["eval/accuracy"] <= 1 for r in (metrics[0], metrics[3]))  # greedy, sampled by the engine
+    metrics = metrics[1:]
     for r in metrics:
         assert 0 <= r["rollout_logprob_diff_mean"] <= r["rollout_logprob_diff_max"]
         assert r["rollout_logprob_diff_mean"] < FP32_BOUND

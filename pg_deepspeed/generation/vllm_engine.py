@@ -154,7 +154,7 @@ def streamed_weight_update(llm) -> Iterator[Callable[[Iterable[tuple[str, Tensor
         for module in cpu_moe_layers_written(model, written):
             # vLLM's unquantized MoE method treats a second processing as a weight update and skips its experts'
             # own step, which on CPU is the prepacking of w13/w2 into the grouped-GEMM layout: the new weights would
-            # be read unpacked (measured on a tiny Qwen3-MoE: log-probs off by 0.028; 5e-7 after this)
+            # be read unpacked (measured on a tiny Qwen3-MoE: log-probs off by up to 0.028; 5e-7 after this)
             module.quant_method.moe_kernel.fused_experts.process_weights_after_loading(module)
     if not llm.reset_prefix_cache():
         raise RuntimeError("vLLM did not reset its prefix cache (a request still running?)")
@@ -175,7 +175,8 @@ class VLLMEngine:
         from vllm import LLM
 
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # vLLM seeds all three
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # vLLM seeds all three (and CUDA's)
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         start = time.perf_counter()
         try:
             self.llm = LLM(
@@ -194,6 +195,8 @@ class VLLMEngine:
             random.setstate(rng[0])
             np.random.set_state(rng[1])
             torch.set_rng_state(rng[2])
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
         self.start_time_s = time.perf_counter() - start
 
     def model(self) -> torch.nn.Module:
@@ -205,11 +208,6 @@ class VLLMEngine:
         """:func:`streamed_weight_update` of this engine."""
         with streamed_weight_update(self.llm) as load:
             yield load
-
-    def reset_prefix_cache(self) -> None:
-        """Drop every cached prompt K/V (computed with the old weights). Raises when vLLM could not."""
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM did not reset its prefix cache (a request still running?)")
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int | Sequence[int], *,

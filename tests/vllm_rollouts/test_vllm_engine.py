@@ -127,3 +127,18 @@ def test_a_weight_left_out_of_the_update_keeps_the_engine_on_the_old_policy(engi
         with torch.no_grad():
             model.model.layers[1].mlp.down_proj.weight.div_(3.0)
         sync(engine, model)
+
+
+def test_sampling_stops_at_eos_and_keeps_it_inside_the_mask(engine_and_model):
+    """Greedy, with EOS declared to be the token the model picks first: every completion is that one token, masked
+    in (the trainer's convention), and the rows are padded after it."""
+    engine, _, config = engine_and_model
+    ids, mask = prompts()
+    first = engine.generate(ids, mask, 1, max_new_tokens=6, temperature=0.0, top_p=1.0, eos_id=config.eos_token_id,
+                            pad_id=config.pad_token_id, seed=0, logprobs=False)
+    assert first.logprobs is None and first.completion_ids.shape[0] == 2  # greedy: one completion per prompt
+    eos = int(first.completion_ids[0, 0])
+    stopped = engine.generate(ids, mask, 1, max_new_tokens=6, temperature=0.0, top_p=1.0, eos_id=eos,
+                              pad_id=config.pad_token_id, seed=0, logprobs=False)  # vLLM: greedy means n = 1
+    assert int(stopped.completion_ids[0, 0]) == eos and int(stopped.completion_mask[0].sum()) == 1  # EOS counted
+    assert (stopped.completion_ids[0, 1:] == config.pad_token_id).all()  # padded after it

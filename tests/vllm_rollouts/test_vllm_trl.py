@@ -2,6 +2,7 @@
 weights synced through vLLM's in-place reload (TRL 1.16's own sync fails on that build: see
 pg_deepspeed/integrations/trl.py). Run by `make test-vllm`; skipped without vLLM or TRL."""
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,10 @@ BF16_SCALE = 5e-3
 
 
 def test_three_colocated_steps_sample_with_synced_weights_and_train(tmp_path):
-    run = subprocess.run([sys.executable, "tests/vllm_rollouts/trl_colocate.py", str(tmp_path)], cwd=REPO,
+    # a process of its own, without this session's process-group variables (test_vllm_engine.py sets them here)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "tests/vllm_rollouts/trl_colocate.py", str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
     result = json.loads((tmp_path / "result.json").read_text())

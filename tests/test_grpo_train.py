@@ -111,6 +111,11 @@ def test_an_unknown_rollout_engine_is_one_line(tmp_path):
     assert "--rollout_engine must be one of ('hf', 'vllm')" in train_fails_with(tmp_path, "--rollout_engine", "sglang")
 
 
+def test_importance_correction_without_the_vllm_engine_is_one_line(tmp_path):
+    err = train_fails_with(tmp_path, "--rollout_importance_correction")
+    assert "--rollout_importance_correction corrects for vLLM's sampling: it needs --rollout_engine vllm" in err
+
+
 def test_a_negative_prefill_chunk_is_one_line(tmp_path):
     assert "--rollout_prefill_chunk must be >= 0" in train_fails_with(tmp_path, "--rollout_prefill_chunk", "-1")
 

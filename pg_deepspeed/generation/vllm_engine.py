@@ -4,9 +4,10 @@ weights replaced in place (`load_weights`) from the trainer's.
 One engine per data-parallel rank, built inside the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with
 vLLM's `external_launcher` executor, which runs on the process group the trainer's launcher set up (each rank serves
 its own prompts; tensor parallel size 1). The engine starts from dummy weights (`load_format="dummy"`): it holds
-nothing the trainer has not given it through :meth:`VLLMEngine.load_weights`, so a sync that misses a weight shows
-from the first step. Tokens go in and out as ids (`skip_tokenizer_init`): the trainer's tokenizer is the only one. Building the engine leaves the caller's random states and torch's thread
-count as they were (vLLM seeds `random`, NumPy and torch, and its CPU worker replaces `torch.set_num_threads`).
+nothing the trainer has not given it through :func:`streamed_weight_update`, so a sync that misses a weight shows
+from the first step. Tokens go in and out as ids (`skip_tokenizer_init`): the trainer's tokenizer is the only one.
+Building the engine leaves the caller's random states and torch's thread count as they were (vLLM seeds `random`,
+NumPy and torch, and its CPU worker replaces `torch.set_num_threads`).
 
 vLLM is imported only here, and only when an engine is built or a model is checked: the project works without it.
 
@@ -228,8 +229,9 @@ class VLLMEngine:
                    zip(prompt_ids.cpu(), prompt_mask.cpu())]
         offsets = [sum(sizes[:b]) for b in range(B)]
         params = [SamplingParams(n=g, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[eos_id], seed=(seed + offset) % 2**62, logprobs=0 if logprobs else None,
-                                 detokenize=False) for g, offset in zip(sizes, offsets)]
+                                 stop_token_ids=[eos_id], seed=(seed + offset) % 2**62,
+                                 logprobs=0 if logprobs else None, detokenize=False)
+                  for g, offset in zip(sizes, offsets)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         rows = [list(c.token_ids) for group in samples for c in group]

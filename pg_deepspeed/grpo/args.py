@@ -142,6 +142,15 @@ class GRPOArguments:
                   "a step's completion tokens exceeds this: the engine samples weights the trainer does not have (a "
                   "broken weight sync). Unset: 1e-3 in float32, 0.5 in bfloat16/float16 (measured: docs/trainer.md)."},
     )
+    rollout_importance_correction: bool = field(
+        default=False,
+        metadata={"help": "--rollout_engine vllm: weight each token's policy-gradient term by the truncated "
+                  "importance ratio min(pi_trainer / pi_vllm, --rollout_importance_cap) of its sampled token (TIS), "
+                  "for the trainer/sampler mismatch that remains (bf16)."},
+    )
+    rollout_importance_cap: float = field(
+        default=2.0, metadata={"help": "The cap C of --rollout_importance_correction's ratio (TIS uses 2)."}
+    )
     rollout_cache: str = field(
         default="shared",
         metadata={"help": "Decode cache of the rollout: shared (each prompt's K/V once per group, merged by "

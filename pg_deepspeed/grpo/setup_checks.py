@@ -210,6 +210,9 @@ def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
     if grpo.rollout_engine not in ROLLOUT_ENGINES:
         raise ValueError(f"--rollout_engine must be one of {ROLLOUT_ENGINES}, got {grpo.rollout_engine!r}")
     if grpo.rollout_engine != "vllm":
+        if grpo.rollout_importance_correction:
+            raise ValueError("--rollout_importance_correction corrects for vLLM's sampling: it needs "
+                             "--rollout_engine vllm (the built-in engine samples with the trainer's weights)")
         return
     missing = vllm_missing()
     if missing is not None:
@@ -220,6 +223,8 @@ def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
     if grpo.vllm_tensor_parallel_size != 1:
         raise ValueError(f"--vllm_tensor_parallel_size {grpo.vllm_tensor_parallel_size}: only 1 (one engine per "
                          "rank) is implemented")
+    if not grpo.rollout_importance_cap >= 1.0:
+        raise ValueError(f"--rollout_importance_cap must be >= 1, got {grpo.rollout_importance_cap}")
     if not 0.0 < grpo.vllm_gpu_memory_utilization <= 1.0:
         raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {grpo.vllm_gpu_memory_utilization}")
     if grpo.max_rollout_logprob_diff is not None and not grpo.max_rollout_logprob_diff > 0:

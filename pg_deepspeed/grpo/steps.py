@@ -47,6 +47,7 @@ class Batch:
     samples: list[dict] | None = None  # per completion: the prompt as the model saw it, the completion, its reward
     reward_parts: torch.Tensor | None = None  # [N, K] float64: what each of the K reward functions returned
     rollout_logps: torch.Tensor | None = None  # [N, Lc] the sampler's own log-probs (--rollout_engine vllm)
+    token_weights: torch.Tensor | None = None  # [N, Lc] truncated importance weights (--rollout_importance_correction)
 
     def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
         """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
@@ -57,7 +58,7 @@ class Batch:
         take = lambda x: None if x is None else x[c]
         return Batch(self.prompt_ids[p], self.prompt_mask[p], self.completion_ids[c], self.completion_mask[c],
                      self.rewards[c], self.advantages[c], take(self.old_logps), take(self.ref_logps),
-                     rollout_logps=take(self.rollout_logps))
+                     rollout_logps=take(self.rollout_logps), token_weights=take(self.token_weights))
 
 
 def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
@@ -90,6 +91,7 @@ def policy_loss(model, batch: Batch, grpo: GRPOArguments, token_count: float | N
         logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
         epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
         aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens, token_count=token_count,
+        token_weights=batch.token_weights,
     )
 
 

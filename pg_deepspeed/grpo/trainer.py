@@ -29,7 +29,7 @@ from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
 from pg_deepspeed.grpo.setup_checks import TrainingSetup, prepare
 from pg_deepspeed.grpo.steps import Batch, fill_fixed_logprobs, prefix_tokens_saved, rollout, sft_warmup, update
-from pg_deepspeed.grpo.vllm_rollout import VLLMRollout
+from pg_deepspeed.grpo.vllm_rollout import VLLMRollout, truncated_importance_weights
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -82,6 +82,10 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         fresh = {} if vllm is None else vllm.check_fresh(batch.old_logps, batch.rollout_logps, batch.completion_mask,
                                                          f"step {step}")
+        if grpo.rollout_importance_correction:
+            batch.token_weights, importance = truncated_importance_weights(
+                batch.old_logps, batch.rollout_logps, batch.completion_mask, grpo.rollout_importance_cap)
+            fresh.update(importance)
         stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
                    "rollout_peak_mem_bytes": float(rollout_peak.bytes), **synced}

@@ -9,6 +9,10 @@ ranks. In float32 a correct sync leaves only the two implementations' rounding; 
 a whole sync, samples another policy, and its difference is orders of magnitude larger. A mean above
 `--max_rollout_logprob_diff` stops the run (:class:`StaleRolloutError`, on every rank, before the update) naming the
 weight sync. The default and the measurements behind it: docs/trainer.md.
+
+**Training against what was sampled** (`--rollout_importance_correction`): :func:`truncated_importance_weights` gives
+each token the ratio exp(trainer − vLLM) capped at `--rollout_importance_cap` (TIS), which `grpo_loss` multiplies into
+that token's clipped policy term.
 """
 from __future__ import annotations
 
@@ -92,3 +96,19 @@ class VLLMRollout:
                 f"{largest:.4g}), above --max_rollout_logprob_diff {bound}: the weight sync to the vLLM engine did not "
                 "give it the policy's weights (stopping before the update)")
         return {"rollout_logprob_diff_mean": mean, "rollout_logprob_diff_max": largest}
+
+
+def truncated_importance_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling (TIS, Yao et al. 2025): per sampled token the ratio of the trainer's probability
+    to the sampler's, exp(trainer − vLLM), capped at `cap`; [N, Lc] weights (0 at padding) and the metrics
+    {"rollout_is_ratio_mean", "rollout_is_ratio_max", "rollout_is_capped_frac"} over all ranks' tokens (the ratio
+    before the cap). Collective."""
+    ratio = torch.exp(trainer_logps.float() - rollout_logps.float()) * mask
+    weights = ratio.clamp(max=cap) * mask
+    totals = all_mean({"sum": float(ratio.sum()), "capped": float(((ratio > cap) & mask.bool()).sum()),
+                       "tokens": float(mask.sum())})
+    tokens = max(totals["tokens"], 1.0)
+    largest = float(all_gather_cat(ratio.max().reshape(1) if ratio.numel() else ratio.new_zeros(1)).max())
+    return weights, {"rollout_is_ratio_mean": totals["sum"] / tokens, "rollout_is_ratio_max": largest,
+                     "rollout_is_capped_frac": totals["capped"] / tokens}

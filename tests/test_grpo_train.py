@@ -1,5 +1,6 @@
 """launch/train.py end to end: two-rank runs through the real deepspeed launcher (a short run; a run killed in the
 middle of a save, then resumed), and refusals that print one line."""
+import importlib.util
 import json
 import math
 import os
@@ -97,6 +98,22 @@ def test_unknown_dtype_is_one_line(tmp_path):
 @pytest.mark.parametrize("option, value", [("--rollout_cache", "paged"), ("--rollout_gather", "sometimes")])
 def test_unknown_rollout_modes_are_one_line(tmp_path, option, value):
     assert f"{option} must be one of" in train_fails_with(tmp_path, option, value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vLLM is installed here (tests/vllm_rollouts runs it)")
+def test_the_vllm_engine_without_vllm_is_one_line_naming_the_extra(tmp_path):
+    err = train_fails_with(tmp_path, "--rollout_engine", "vllm")
+    assert "--rollout_engine vllm: vLLM is not installed: pip install 'pg_deepspeed[vllm]'" in err
+
+
+def test_an_unknown_rollout_engine_is_one_line(tmp_path):
+    assert "--rollout_engine must be one of ('hf', 'vllm')" in train_fails_with(tmp_path, "--rollout_engine", "sglang")
+
+
+def test_importance_correction_without_the_vllm_engine_is_one_line(tmp_path):
+    err = train_fails_with(tmp_path, "--rollout_importance_correction")
+    assert "--rollout_importance_correction corrects for vLLM's sampling: it needs --rollout_engine vllm" in err
 
 
 def test_a_negative_prefill_chunk_is_one_line(tmp_path):

@@ -142,3 +142,28 @@ def test_token_mean_is_the_mean_over_every_completion_token_of_the_optimizer_ste
     result = json.loads((tmp_path / "token_mean.json").read_text())
     assert result["step_mean_error"] <= 1e-5
     assert result["mean_of_means_error"] >= 0.05  # the data tells the two aggregations apart
+
+
+def test_token_weights_scale_each_tokens_policy_term_and_its_gradient_not_the_kl():
+    """Truncated importance sampling's weights (--rollout_importance_correction): w_t multiplies token t's clipped
+    policy term, value and gradient, as a constant; the KL term is not weighted."""
+    torch.manual_seed(0)
+    logps = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    old, ref = logps.detach() + 0.05 * torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    advantages, mask = torch.randn(4, dtype=torch.float64), torch.ones(4, 5, dtype=torch.long)
+    weights = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+
+    def loss(w, beta=0.0):
+        return grpo_loss(logps, old, ref, advantages, mask, beta=beta, token_weights=w)[0]
+
+    one = loss(None)
+    assert torch.equal(loss(torch.ones(4, 5, dtype=torch.float64)), one)
+    assert torch.allclose(loss(torch.full((4, 5), 0.5, dtype=torch.float64)), 0.5 * one)
+    (grad,) = torch.autograd.grad(loss(weights), logps)
+    (plain,) = torch.autograd.grad(grpo_loss(logps, old, ref, advantages, mask, aggregation="token-mean",
+                                             token_count=1.0)[0], logps)
+    assert torch.allclose(grad, plain * weights.detach() / mask.sum())
+    assert torch.autograd.grad(loss(weights), weights, allow_unused=True) == (None,)  # constants
+    delta = ref - logps.detach()
+    kl = (torch.exp(delta) - delta - 1).mean()
+    assert torch.allclose(loss(torch.zeros(4, 5, dtype=torch.float64), beta=0.1), 0.1 * kl)  # the KL unweighted

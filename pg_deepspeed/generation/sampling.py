@@ -36,6 +36,7 @@ class Rollout:
     completion_mask: Tensor  # [N, Lc], 1 on generated tokens (EOS included)
     cache_bytes: int = 0     # the decode cache's K/V at its largest (after the last step)
     step_logits: list[Tensor] | None = None  # with keep_logits: the model's next-token logits [N, V] of every step
+    logprobs: Tensor | None = None  # [N, Lc] float32: the sampler's log-prob of each token, 0 at padding (vLLM's)
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:

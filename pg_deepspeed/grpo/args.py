@@ -117,6 +117,40 @@ class GRPOArguments:
     no_prefix_grouping: bool = field(
         default=False, metadata={"help": "Run the standard repeated-prompt forward (for A/B comparisons)."}
     )
+    rollout_engine: str = field(
+        default="hf",
+        metadata={"help": "What samples the rollout: hf (the built-in prefix-once decoder on the trained model, "
+                  "--rollout_cache and --rollout_gather) or vllm (a vLLM engine on every rank, colocated, its weights "
+                  "synced from the policy every step; needs the vllm extra; docs/trainer.md)."},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "--rollout_engine vllm: ranks per engine (only 1, one engine per rank, so far)."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "--rollout_engine vllm: the share of the device's memory each engine reserves for its "
+                  "weights and KV cache (on CPU, of the CPU memory; VLLM_CPU_KVCACHE_SPACE=<GiB> sizes the KV cache "
+                  "instead)."},
+    )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "--rollout_engine vllm: no torch.compile or graphs (starts in seconds, decodes slower)."},
+    )
+    max_rollout_logprob_diff: float | None = field(
+        default=None,
+        metadata={"help": "--rollout_engine vllm: stop the run when the mean |trainer log-prob - vLLM log-prob| over "
+                  "a step's completion tokens exceeds this: the engine samples weights the trainer does not have (a "
+                  "broken weight sync). Unset: 1e-3 in float32, 0.5 in bfloat16/float16 (measured: docs/trainer.md)."},
+    )
+    rollout_importance_correction: bool = field(
+        default=False,
+        metadata={"help": "--rollout_engine vllm: weight each token's policy-gradient term by the truncated "
+                  "importance ratio min(pi_trainer / pi_vllm, --rollout_importance_cap) of its sampled token (TIS), "
+                  "for the trainer/sampler mismatch that remains (bf16)."},
+    )
+    rollout_importance_cap: float = field(
+        default=2.0, metadata={"help": "The cap C of --rollout_importance_correction's ratio (TIS uses 2)."}
+    )
     rollout_cache: str = field(
         default="shared",
         metadata={"help": "Decode cache of the rollout: shared (each prompt's K/V once per group, merged by "

@@ -57,8 +57,10 @@ def held_out(data: DataArguments, source: PromptSource, seed: int) -> tuple[Prom
 
 
 def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: RewardFunctions, grpo: GRPOArguments,
-             train: TrainArguments, dims: ParallelDims, rank: int, device: torch.device, step: int) -> dict:
-    """{"eval/accuracy", "eval/reward_mean"} over the whole held-out set, the same on every rank. Collective."""
+             train: TrainArguments, dims: ParallelDims, rank: int, device: torch.device, step: int,
+             vllm=None) -> dict:
+    """{"eval/accuracy", "eval/reward_mean"} over the whole held-out set, the same on every rank. Collective.
+    vllm: the run's VLLMRollout (--rollout_engine vllm), which then samples, or None."""
     from pg_deepspeed.grpo.steps import sample  # the rollout's sampling, one piece of code
 
     replica, per = dims.replica(rank), train.per_device_eval_batch_size or train.prompts_per_device
@@ -75,9 +77,11 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
         prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
         columns = row_columns([e.columns for e in chunk], 1)
         # ints only: a str's hash differs between processes (PYTHONHASHSEED), an int tuple's does not
-        generator = torch.Generator().manual_seed(hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63)
+        seed = hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63
+        generator = torch.Generator().manual_seed(seed)
         for temperature in (0.0, grpo.temperature):
-            out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims)
+            out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims, vllm=vllm,
+                         seed=seed)
             texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
             total, parts = rewards.score(prompts, texts, answers, columns)
             if temperature == 0.0:

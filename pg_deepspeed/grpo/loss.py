@@ -1,7 +1,8 @@
 """The clipped GRPO objective with an optional k3 KL to the reference, and its aggregations.
 
 Per completion token t of member i, with ratio ρ = exp(logp - logp_old) and advantage A_i:
-  l_t = -min(ρ·A_i, clip(ρ, 1-ε, 1+ε_high)·A_i) + β·(exp(ref - logp) - (ref - logp) - 1)
+  l_t = -w_t·min(ρ·A_i, clip(ρ, 1-ε, 1+ε_high)·A_i) + β·(exp(ref - logp) - (ref - logp) - 1)
+where w_t is a constant per-token weight, 1 unless given (truncated importance sampling: see vllm_rollout.py).
 Aggregations over the [N, Lc] mask M:
   token-mean            Σ l·M / T, T = the token count the caller names (DAPO's mean over every completion
                         token of the optimizer step; see `update` in trainer.py), Σ M when it names none
@@ -29,10 +30,12 @@ def grpo_loss(
     aggregation: str = "token-mean",
     max_completion_length: int | None = None,
     token_count: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] -> (loss, stats).
 
     token_count: the divisor of token-mean (default: this batch's own Σ M).
+    token_weights: [N, Lc] w_t multiplying each token's clipped policy term (not the KL), taken as constants.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
@@ -44,6 +47,8 @@ def grpo_loss(
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     kl = torch.zeros_like(logps)
     if beta != 0.0:
         delta = ref_logps - logps

@@ -14,7 +14,8 @@ from pg_deepspeed.distributed.engines import check_patchable, load_config, load_
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
 from pg_deepspeed.distributed.sequence_parallel import gradient_scale
-from pg_deepspeed.generation.sampling import CACHE_MODES
+from pg_deepspeed.generation.sampling import CACHE_MODES, DEFAULT_PREFILL_CHUNK
+from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, vllm_missing
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
@@ -76,6 +77,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     if eval_set is not None:
         max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, grpo.max_new_tokens))
     check_patchable(config, max_length)
+    if grpo.rollout_engine == "vllm":
+        try:
+            check_vllm_model(config)
+        except ValueError as error:
+            raise ValueError(f"--rollout_engine vllm: {error}; use --rollout_engine hf") from None
     rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
                               task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,
@@ -140,6 +146,7 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
     if grpo.min_shared_preamble < 0:
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
     check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
+    check_rollout_engine(grpo, train)
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:
@@ -193,3 +200,42 @@ def check_eval_lengths(prompt_format: PromptFormat, eval_set: EvalSet, config, m
                              f"{max_new_tokens} it exceeds the model's max_position_embeddings ({limit})")
         longest = max(longest, length)
     return longest + max_new_tokens
+
+
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
+    """Refuse --rollout_engine vllm where it cannot serve the run (vLLM missing, sequence parallelism, sampling options
+    whose log-probs vLLM cannot return) and the built-in engine's options set beside it; cheap (vLLM not imported)."""
+    if grpo.rollout_engine not in ROLLOUT_ENGINES:
+        raise ValueError(f"--rollout_engine must be one of {ROLLOUT_ENGINES}, got {grpo.rollout_engine!r}")
+    if grpo.rollout_engine != "vllm":
+        if grpo.rollout_importance_correction:
+            raise ValueError("--rollout_importance_correction corrects for vLLM's sampling: it needs "
+                             "--rollout_engine vllm (the built-in engine samples with the trainer's weights)")
+        return
+    missing = vllm_missing()
+    if missing is not None:
+        raise ImportError(f"--rollout_engine vllm: {missing}")
+    if train.sequence_parallel_size > 1:
+        raise ValueError(f"--rollout_engine vllm with --sequence_parallel_size {train.sequence_parallel_size}: the "
+                         "engine serves data-parallel ranks only; use --rollout_engine hf")
+    if grpo.vllm_tensor_parallel_size != 1:
+        raise ValueError(f"--vllm_tensor_parallel_size {grpo.vllm_tensor_parallel_size}: only 1 (one engine per "
+                         "rank) is implemented")
+    if not grpo.rollout_importance_cap >= 1.0:
+        raise ValueError(f"--rollout_importance_cap must be >= 1, got {grpo.rollout_importance_cap}")
+    if not 0.0 < grpo.vllm_gpu_memory_utilization <= 1.0:
+        raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {grpo.vllm_gpu_memory_utilization}")
+    if grpo.max_rollout_logprob_diff is not None and not grpo.max_rollout_logprob_diff > 0:
+        raise ValueError(f"--max_rollout_logprob_diff must be > 0, got {grpo.max_rollout_logprob_diff}")
+    try:
+        logprobs_mode(grpo.temperature, grpo.top_p)
+    except ValueError as error:
+        raise ValueError(f"--rollout_engine vllm: {error}; set --temperature 1 or --top_p 1") from None
+    built_in = {"rollout_cache": "shared", "rollout_gather": "full", "rollout_prefill_chunk": DEFAULT_PREFILL_CHUNK}
+    for name, default in built_in.items():
+        if getattr(grpo, name) != default:
+            raise ValueError(f"--{name} is an option of --rollout_engine hf; vLLM's engine has its own cache "
+                             "(leave it unset)")

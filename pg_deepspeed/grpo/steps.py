@@ -26,6 +26,7 @@ from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.rewards import RewardFunctions, row_columns
+from pg_deepspeed.grpo.vllm_rollout import VLLMRollout
 from pg_deepspeed.layouts.packing import common_prefix_length, pack_completions
 from pg_deepspeed.models.logprobs import completion_logprobs
 
@@ -45,6 +46,8 @@ class Batch:
     cache_bytes: int = 0  # the rollout's decode cache K/V at its largest
     samples: list[dict] | None = None  # per completion: the prompt as the model saw it, the completion, its reward
     reward_parts: torch.Tensor | None = None  # [N, K] float64: what each of the K reward functions returned
+    rollout_logps: torch.Tensor | None = None  # [N, Lc] the sampler's own log-probs (--rollout_engine vllm)
+    token_weights: torch.Tensor | None = None  # [N, Lc] truncated importance weights (--rollout_importance_correction)
 
     def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
         """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
@@ -54,7 +57,8 @@ class Batch:
         p, c = slice(i * prompts, (i + 1) * prompts), slice(i * prompts * G, (i + 1) * prompts * G)
         take = lambda x: None if x is None else x[c]
         return Batch(self.prompt_ids[p], self.prompt_mask[p], self.completion_ids[c], self.completion_mask[c],
-                     self.rewards[c], self.advantages[c], take(self.old_logps), take(self.ref_logps))
+                     self.rewards[c], self.advantages[c], take(self.old_logps), take(self.ref_logps),
+                     rollout_logps=take(self.rollout_logps), token_weights=take(self.token_weights))
 
 
 def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
@@ -87,6 +91,7 @@ def policy_loss(model, batch: Batch, grpo: GRPOArguments, token_count: float | N
         logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
         epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
         aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens, token_count=token_count,
+        token_weights=batch.token_weights,
     )
 
 
@@ -103,7 +108,7 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
 
 def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: RewardFunctions, grpo: GRPOArguments,
             train: TrainArguments, step: int, dims: ParallelDims, rank: int, device: torch.device,
-            guard: PreemptionGuard) -> Batch:
+            guard: PreemptionGuard, vllm: VLLMRollout | None = None) -> Batch:
     """Sample prompts for this data-parallel replica and step, G completions each, their rewards (each function's
     and the weighted sum) and advantages (from the weighted sum).
 
@@ -115,9 +120,9 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: 
     examples = [source.example(i) for i in batch_indices(step, replica, dims.dp, per_rank)]
     tokenizer = prompt_format.tokenizer
     prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in examples], device)
-    generator = torch.Generator().manual_seed(hash((train.seed, step, replica)) % 2**63)
-    out = sample(policy, prompt_ids, prompt_mask, grpo.num_generations, grpo, tokenizer, generator,
-                 grpo.temperature, dims, guard)
+    seed = hash((train.seed, step, replica)) % 2**63
+    out = sample(policy, prompt_ids, prompt_mask, grpo.num_generations, grpo, tokenizer,
+                 torch.Generator().manual_seed(seed), grpo.temperature, dims, guard, vllm=vllm, seed=seed)
     G = grpo.num_generations
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     total, parts = rewards.score(
@@ -132,15 +137,22 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: 
                for n, (text, r) in enumerate(zip(texts, total))]
     return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, reward,
                  group_advantages(reward, sizes, grpo.advantage), cache_bytes=out.cache_bytes,
-                 reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples)
+                 reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples,
+                 rollout_logps=out.logprobs)
 
 
 def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, grpo: GRPOArguments, tokenizer,
            generator: torch.Generator, temperature: float, dims: ParallelDims,
-           guard: PreemptionGuard | None = None) -> Rollout:
+           guard: PreemptionGuard | None = None, vllm: VLLMRollout | None = None, seed: int = 0) -> Rollout:
     """G completions of each prompt ([B, Lp] left-padded) by the policy in eval mode, its weights gathered as
     --rollout_gather says (temperature 0: greedy). Under sequence parallelism every rank of a group gets its first
-    rank's completions. Collective under ZeRO-3: every rank calls it the same number of times."""
+    rank's completions. Collective under ZeRO-3: every rank calls it the same number of times.
+
+    With `vllm` (--rollout_engine vllm) the engine samples instead, seeded by `seed` (not `generator`), after a
+    weight sync when the policy changed since the last one; the rollout then carries the engine's log-probs."""
+    if vllm is not None:
+        vllm.refresh(policy)
+        return vllm.sample(prompt_ids, prompt_mask, G, tokenizer, temperature, seed)
     module = getattr(policy, "module", policy)
     was_training = module.training
     module.eval()
@@ -162,9 +174,10 @@ def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, 
 
 @torch.no_grad()
 def fill_fixed_logprobs(batch: Batch, policy, reference, grpo: GRPOArguments, train: TrainArguments) -> None:
-    """Old-policy log-probs (only needed when updating more than once) and reference log-probs (beta > 0)."""
+    """Old-policy log-probs (needed when updating more than once, and computed for every step of a sampler that
+    returns its own log-probs, to compare: see vllm_rollout.py) and reference log-probs (beta > 0)."""
     parts = batch.micro_batches(train, grpo.num_generations)
-    if grpo.num_iterations > 1:
+    if grpo.num_iterations > 1 or batch.rollout_logps is not None:
         batch.old_logps = torch.cat([sequence_logprobs(policy, p, grpo) for p in parts])
     if reference is not None:
         batch.ref_logps = torch.cat([sequence_logprobs(reference, p, grpo) for p in parts])  # the engine: see logprobs

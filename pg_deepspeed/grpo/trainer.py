@@ -29,6 +29,7 @@ from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
 from pg_deepspeed.grpo.setup_checks import TrainingSetup, prepare
 from pg_deepspeed.grpo.steps import Batch, fill_fixed_logprobs, prefix_tokens_saved, rollout, sft_warmup, update
+from pg_deepspeed.grpo.vllm_rollout import VLLMRollout, truncated_importance_weights
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -46,6 +47,7 @@ def run(setup: TrainingSetup) -> None:
 def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
     grpo, train, dims = setup.grpo, setup.train, setup.dims
     policy, reference = build_engines(setup)
+    vllm = VLLMRollout(setup, device) if grpo.rollout_engine == "vllm" else None
     guard = PreemptionGuard()
     nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")
     checkpointer = Checkpointer(policy, train, rank, guard)
@@ -63,24 +65,32 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             return checkpointer.stop(0, done if done < train.sft_warmup_steps else None)
     if start.step == 0 and setup.eval_set is not None:  # the held-out score before any GRPO step
         logger.log({"step": 0, **evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, grpo, train,
-                                          dims, rank, device, step=0)})
+                                          dims, rank, device, step=0, vllm=vllm)})
 
     for step in range(start.step + 1, train.max_steps + 1):
         t0, at_boundary = time.perf_counter(), current_rng_state()
+        synced = vllm.refresh(policy) if vllm is not None else {}  # the weights the update left, into the engine
+        t_sync = time.perf_counter() - t0
         try:
             with PeakMemory(device) as rollout_peak:
                 batch = rollout(policy, setup.prompt_format, setup.source, setup.rewards, grpo, train, step - 1, dims,
-                                rank, device, guard)
+                                rank, device, guard, vllm)
         except Preempted:
             logger.close()
             return checkpointer.stop(step - 1, rng_state=at_boundary, during=f" during the rollout of step {step}")
-        t_rollout = time.perf_counter() - t0
+        t_rollout = time.perf_counter() - t0 - t_sync
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
+        fresh = {} if vllm is None else vllm.check_fresh(batch.old_logps, batch.rollout_logps, batch.completion_mask,
+                                                         f"step {step}")
+        if grpo.rollout_importance_correction:
+            batch.token_weights, importance = truncated_importance_weights(
+                batch.old_logps, batch.rollout_logps, batch.completion_mask, grpo.rollout_importance_cap)
+            fresh.update(importance)
         stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
-                   "rollout_peak_mem_bytes": float(rollout_peak.bytes)}
-        logger.log({"step": step, **step_metrics(batch, stats, timings, setup),
-                    **evaluation_at(step, setup, policy, rank, device), "lr": policy.get_lr()[0],
+                   "rollout_peak_mem_bytes": float(rollout_peak.bytes), **synced}
+        logger.log({"step": step, **step_metrics(batch, stats, timings, setup), **fresh,
+                    **evaluation_at(step, setup, policy, rank, device, vllm), "lr": policy.get_lr()[0],
                     "world_size": dims.world, "sequence_parallel_size": dims.sp, "node_ranks": nodes})
         if train.log_completions_steps and step % train.log_completions_steps == 0:
             logger.log_completions(step, replica_samples(batch, dims))
@@ -123,13 +133,14 @@ def build_engines(setup: TrainingSetup):
     return policy, init_reference(model_args.model, setup.ds_config, dims=setup.dims, **options)
 
 
-def evaluation_at(step: int, setup: TrainingSetup, policy, rank: int, device: torch.device) -> dict:
+def evaluation_at(step: int, setup: TrainingSetup, policy, rank: int, device: torch.device,
+                  vllm: VLLMRollout | None = None) -> dict:
     """The held-out metrics when `step` is an evaluation step (every --eval_steps, and the last), else {}."""
     every, last = setup.train.eval_steps, step == setup.train.max_steps
     if setup.eval_set is None or not (last or (every and step % every == 0)):
         return {}
     return evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, setup.grpo, setup.train, setup.dims,
-                    rank, device, step)
+                    rank, device, step, vllm=vllm)
 
 
 def replica_samples(batch: Batch, dims: ParallelDims) -> list[dict]:
@@ -173,4 +184,6 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "rollout_tokens_per_s": mean["generated"] * dims.dp / mean["rollout_time_s"],
         "rollout_peak_mem_bytes": int(mean["rollout_peak_mem_bytes"]),
         "rollout_cache_bytes": int(mean["rollout_cache_bytes"]),
+        # --rollout_engine vllm: the weight sync before the rollout (vllm_sync.py), means over ranks
+        **{k: mean[k] for k in ("weight_sync_time_s", "weight_sync_peak_mem_bytes", "weight_sync_bytes") if k in mean},
     }

@@ -19,6 +19,7 @@ Shapes: N rows handed over by TRL, Lp prompt width, Lc = `logits_to_keep` comple
 """
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
@@ -196,6 +197,23 @@ _MULTIMODAL = (
 )
 
 
+def _streamed_colocate_sync(generation) -> None:
+    """TRL's colocate weight sync (`VLLMGeneration.sync_weights`) through vLLM's in-place reload
+    (:func:`pg_deepspeed.generation.vllm_engine.streamed_weight_update`): TRL 1.16 calls the engine model's
+    `load_weights` directly, which fails on vLLM's CPU build ("'Parameter' object has no attribute 'weight_loader'")
+    and leaves a tied LM head's packed copy stale; the prefix cache is reset after. The parameters come from TRL's own
+    iterator (gathered one at a time under ZeRO-3, PEFT merged), each copied before its gather ends, since vLLM holds
+    a fused layer's parts until all have arrived."""
+    from pg_deepspeed.generation.vllm_engine import streamed_weight_update
+
+    if generation.enable_sleep_mode:  # as TRL does: the weights must be mapped before they are written
+        generation.llm.wake_up(tags=["weights"])
+        generation._llm_weights_sleeping = False
+    with streamed_weight_update(generation.llm) as load:
+        for name, tensor in generation._iter_named_params():
+            load([(name, tensor.detach().clone())])
+
+
 class PrefixGroupedGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose log-prob passes (policy, old policy, reference) compute each prompt once per group.
 
@@ -211,6 +229,9 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         patch_model(_hf_model(self.model))
         if self.ref_model is not None:
             patch_model(_hf_model(self.ref_model))
+        generation = getattr(self, "vllm_generation", None)
+        if generation is not None and generation.mode == "colocate":
+            generation.sync_weights = types.MethodType(_streamed_colocate_sync, generation)
 
     def _ungroupable(self, compute_aux_loss: bool, multimodal: dict[str, Any]) -> list[str]:
         """The options of this call the grouped path cannot serve (each warned about once per trainer)."""

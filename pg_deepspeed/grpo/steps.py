@@ -48,6 +48,11 @@ class Batch:
     reward_parts: torch.Tensor | None = None  # [N, K] float64: what each of the K reward functions returned
     rollout_logps: torch.Tensor | None = None  # [N, Lc] the sampler's own log-probs (--rollout_engine vllm)
     token_weights: torch.Tensor | None = None  # [N, Lc] truncated importance weights (--rollout_importance_correction)
+    # multi-turn rollouts (--environment): completion_mask marks every real token after the prompt (assistant turns,
+    # observations and the template's tokens between them: the attention layout), loss_mask only the tokens the
+    # model sampled (what the loss covers). None: completion_mask, as in a single-turn rollout.
+    loss_mask: torch.Tensor | None = None  # [N, Lc]
+    rollout_metrics: dict[str, float] | None = None  # this rank's rollout statistics (turns_mean, tool_calls_mean)
 
     def micro_batches(self, train: TrainArguments, G: int) -> list["Batch"]:
         """The gradient_accumulation_steps micro-batches of prompts_per_device groups each, in order."""
@@ -58,7 +63,13 @@ class Batch:
         take = lambda x: None if x is None else x[c]
         return Batch(self.prompt_ids[p], self.prompt_mask[p], self.completion_ids[c], self.completion_mask[c],
                      self.rewards[c], self.advantages[c], take(self.old_logps), take(self.ref_logps),
-                     rollout_logps=take(self.rollout_logps), token_weights=take(self.token_weights))
+                     rollout_logps=take(self.rollout_logps), token_weights=take(self.token_weights),
+                     loss_mask=take(self.loss_mask))
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """[N, Lc] the tokens the loss covers: the model's own tokens."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
 
 def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:

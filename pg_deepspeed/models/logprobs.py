@@ -285,6 +285,7 @@ def completion_logprobs(
     prefix_grouping: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     preamble: int = 0,
+    share_completions: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
 
@@ -305,6 +306,9 @@ def completion_logprobs(
     preamble: > 0 also shares the first `preamble` tokens of every prompt (a system prompt or few-shot preamble
         they all begin with; see `packing.common_prefix_length`): computed once for the micro-batch, a
         three-level tree. Ignored with `prefix_grouping=False`.
+    share_completions: also compute once what a group's completions begin with in common: the earlier turns of a
+        multi-turn rollout sampled as a tree (`--branching`), found by comparing the completions, a tree at any
+        depth. Ignored with `prefix_grouping=False`.
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     sizes = group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
@@ -317,8 +321,9 @@ def completion_logprobs(
         repeats = torch.tensor(sizes, device=prompt_ids.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
         sizes = [1] * len(completion_ids)
-        preamble = 0
-    packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble)
+        preamble, share_completions = 0, False
+    packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble,
+                               share_completions)
     logps, entropies = _token_logprobs(model, hf, packing.ids, packing.layout, packing.targets, temperature,
                                        return_entropy, chunk_size)
     # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it

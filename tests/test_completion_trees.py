@@ -4,47 +4,12 @@ conversation forwarded alone through the unpatched model."""
 from __future__ import annotations
 
 import copy
-import random
-
 import pytest
 import torch
 
 from pg_deepspeed import completion_logprobs, patch_model
 from pg_deepspeed.layouts.packing import completion_trie, pack_completions
-from reference import tiny_causal_lm
-
-VOCAB = 128
-
-
-def random_tree_batch(seed: int, padding_side: str = "left", max_depth: int = 4, preamble: int = 0):
-    """B groups, each a prompt and the leaves of a random sampling tree of depth 1..max_depth as its completions.
-
-    Every node is a turn of 1 to 24 tokens (one in four a single token); a node has 1 to 3 children. Returns
-    (prompt_ids [B, Lp], prompt_mask, completion_ids [N, Lc] right-padded, completion_mask, sizes)."""
-    rng = random.Random(seed)
-    tok = lambda n: [rng.randrange(3, VOCAB) for _ in range(n)]
-    turn = lambda: tok(1 if rng.random() < 0.25 else rng.randint(2, 24))
-    shared = tok(preamble)
-    prompts, completions, sizes = [], [], []
-    for _ in range(rng.randint(1, 3)):
-        prompts.append(shared + tok(rng.randint(0 if preamble else 1, 9)))
-        depth = rng.randint(1, max_depth)
-        frontier = [[]]
-        for level in range(depth):
-            frontier = [path + turn() for path in frontier for _ in range(rng.randint(1, 3) if level < 3 else 1)]
-        completions += frontier
-        sizes.append(len(frontier))
-    Lp, Lc = max(map(len, prompts)) + rng.randint(0, 2), max(map(len, completions)) + rng.randint(0, 2)
-    prompt_ids, prompt_mask = torch.zeros(len(prompts), Lp, dtype=torch.long), torch.zeros(len(prompts), Lp,
-                                                                                          dtype=torch.long)
-    for b, p in enumerate(prompts):
-        cols = slice(Lp - len(p), Lp) if padding_side == "left" else slice(0, len(p))
-        prompt_ids[b, cols], prompt_mask[b, cols] = torch.tensor(p), 1
-    completion_ids = torch.zeros(len(completions), Lc, dtype=torch.long)
-    completion_mask = torch.zeros(len(completions), Lc, dtype=torch.long)
-    for n, c in enumerate(completions):
-        completion_ids[n, :len(c)], completion_mask[n, :len(c)] = torch.tensor(c), 1
-    return prompt_ids, prompt_mask, completion_ids, completion_mask, sizes
+from reference import VOCAB, random_tree_batch, tiny_causal_lm
 
 
 def one_by_one_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask, sizes) -> torch.Tensor:

@@ -177,6 +177,41 @@ class GRPOArguments:
         metadata={"help": "Share the tokens every prompt of a micro-batch begins with (a system prompt, few-shot "
                   "preamble) once per micro-batch when there are at least this many (0 = never)."},
     )
+    environment: str | None = field(
+        default=None,
+        metadata={"help": "Multi-turn rollouts: an environment class, module:Class (constructed with no arguments, one "
+                  "per conversation, with reset(example) -> messages and step(messages) -> (observation messages, "
+                  "reward or None, done)), or a built-in name; the model's turns alternate with its observations "
+                  "(docs/multiturn.md)."},
+    )
+    max_turns: int = field(
+        default=4, metadata={"help": "--environment: assistant turns per conversation at most."}
+    )
+    branching: str | None = field(
+        default=None,
+        metadata={"help": "--environment: sample the conversations as a tree, k1,k2,...: k1 continuations of the "
+                  "first assistant turn, k2 of each of those, ...; their product is --num_generations. Unset: G "
+                  "independent conversations (the same as --branching G). Shared turns are computed once."},
+    )
+    advantage_level: str = field(
+        default="sequence",
+        metadata={"help": "sequence (each completion's --advantage on all its tokens) or node (each token's from the "
+                  "tree of what the group's completions share: the mean reward of the completions below it against "
+                  "its parent's and the group's, after TreeRL; docs/multiturn.md)."},
+    )
+
+
+def branching_factors(grpo: GRPOArguments) -> list[int]:
+    """--branching as [k1, k2, ...] ([G] when unset); raises naming the option when it is not k1,k2,... of ints >= 1."""
+    if grpo.branching is None:
+        return [grpo.num_generations]
+    try:
+        factors = [int(k) for k in grpo.branching.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or any(k < 1 for k in factors):
+        raise ValueError(f"--branching must be k1,k2,... with every k >= 1 (e.g. 2,2,2), got {grpo.branching!r}")
+    return factors
 
 
 @dataclass

@@ -32,7 +32,7 @@ def grpo_loss(
     token_count: float | None = None,
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] -> (loss, stats).
+    """logps, old_logps, ref_logps, completion_mask: [N, Lc]; advantages: [N] or [N, Lc] -> (loss, stats).
 
     token_count: the divisor of token-mean (default: this batch's own Σ M).
     token_weights: [N, Lc] w_t multiplying each token's clipped policy term (not the KL), taken as constants.
@@ -43,7 +43,8 @@ def grpo_loss(
         raise ValueError("beta != 0 needs reference log-probs")
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None]
+    adv = advantages.to(logps.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [N] per completion, or [N, Lc] per token (node_advantages)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)

@@ -3,6 +3,7 @@
 ImportError naming the culprit (printed as one line, exit status 2)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -18,7 +19,7 @@ from pg_deepspeed.generation.sampling import CACHE_MODES, DEFAULT_PREFILL_CHUNK
 from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, vllm_missing
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
-                                    ModelArguments, TrainArguments)
+                                    ModelArguments, TrainArguments, branching_factors)
 from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, FileDataset, PromptSource, build_source, longest_prompt
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask, is_reasoning_gym
@@ -147,6 +148,31 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
     check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
     check_rollout_engine(grpo, train)
+    check_multiturn(grpo, train)
+
+
+ADVANTAGE_LEVELS = ("sequence", "node")
+
+
+def check_multiturn(grpo: GRPOArguments, train: TrainArguments) -> None:
+    """--environment, --max_turns, --branching and --advantage_level agree with each other and with G."""
+    if grpo.advantage_level not in ADVANTAGE_LEVELS:
+        raise ValueError(f"--advantage_level must be one of {ADVANTAGE_LEVELS}, got {grpo.advantage_level!r}")
+    if grpo.advantage_level == "node" and grpo.no_prefix_grouping:
+        raise ValueError("--advantage_level node reads the tree of what completions share, which "
+                         "--no_prefix_grouping does not build: drop one of them")
+    if grpo.max_turns < 1:
+        raise ValueError(f"--max_turns must be >= 1, got {grpo.max_turns}")
+    factors = branching_factors(grpo)
+    if math.prod(factors) != grpo.num_generations:
+        raise ValueError(f"--branching {grpo.branching} samples {math.prod(factors)} conversations per prompt but "
+                         f"--num_generations is {grpo.num_generations}: make them agree")
+    if grpo.environment is None and len(factors) > 1:
+        raise ValueError(f"--branching {grpo.branching} branches at turn boundaries: it needs --environment (a "
+                         "single-turn rollout has one assistant turn)")
+    if len(factors) > grpo.max_turns:
+        raise ValueError(f"--branching {grpo.branching} has {len(factors)} levels but --max_turns is "
+                         f"{grpo.max_turns}: a level branches one assistant turn")
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:

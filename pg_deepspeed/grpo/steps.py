@@ -18,7 +18,7 @@ from pg_deepspeed.collectives import all_mean, broadcast_from_first
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
 from pg_deepspeed.generation.sampling import Rollout, generate
-from pg_deepspeed.grpo.advantages import group_advantages
+from pg_deepspeed.grpo.advantages import group_advantages, node_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.data import SFT_OFFSET, PromptSource, batch_indices
 from pg_deepspeed.grpo.loss import grpo_loss
@@ -80,13 +80,20 @@ def shared_preamble(batch: Batch, grpo: GRPOArguments) -> int:
     return shared if shared >= grpo.min_shared_preamble else 0
 
 
+def shares_completions(grpo: GRPOArguments) -> bool:
+    """Whether a group's completions are packed as the tree of what they begin with in common: the turns of a
+    multi-turn rollout (--environment), shared by its branches under --branching."""
+    return grpo.environment is not None
+
+
 def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
     """[N, Lc] log-probs of the batch's completions, prefix-grouped (with a shared preamble once when the micro-batch
-    has one) unless --no_prefix_grouping."""
+    has one, and a multi-turn group's shared turns once) unless --no_prefix_grouping."""
     return completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
         temperature=grpo.temperature, prefix_grouping=not grpo.no_prefix_grouping,
         preamble=shared_preamble(batch, grpo), chunk_size=grpo.logprob_chunk_size,
+        share_completions=shares_completions(grpo),
     )
 
 
@@ -99,7 +106,7 @@ def policy_loss(model, batch: Batch, grpo: GRPOArguments, token_count: float | N
     logps = sequence_logprobs(model, batch, grpo)
     old = batch.old_logps if batch.old_logps is not None else logps.detach()
     return grpo_loss(
-        logps, old, batch.ref_logps, batch.advantages, batch.completion_mask,
+        logps, old, batch.ref_logps, batch.advantages, batch.trained_mask,
         epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
         aggregation=grpo.loss_aggregation, max_completion_length=grpo.max_new_tokens, token_count=token_count,
         token_weights=batch.token_weights,
@@ -114,7 +121,7 @@ def micro_batch_token_count(batch: Batch, train: TrainArguments) -> float:
     gradient_accumulation_steps, so a micro-batch's sum is divided by the step's tokens / (ranks × micro-batches):
     the mean over ranks of this rank's tokens, over the micro-batches. Collective: every rank calls it.
     """
-    return all_mean({"tokens": float(batch.completion_mask.sum())})["tokens"] / train.gradient_accumulation_steps
+    return all_mean({"tokens": float(batch.trained_mask.sum())})["tokens"] / train.gradient_accumulation_steps
 
 
 def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: RewardFunctions, grpo: GRPOArguments,
@@ -147,9 +154,19 @@ def rollout(policy, prompt_format: PromptFormat, source: PromptSource, rewards: 
                 **{f"reward/{name}": part[n] for name, part in zip(rewards.names, parts)}}
                for n, (text, r) in enumerate(zip(texts, total))]
     return Batch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, reward,
-                 group_advantages(reward, sizes, grpo.advantage), cache_bytes=out.cache_bytes,
+                 advantages_of(reward, out.completion_ids, out.completion_mask, sizes, grpo),
+                 cache_bytes=out.cache_bytes,
                  reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(), samples=samples,
                  rollout_logps=out.logprobs)
+
+
+def advantages_of(rewards: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                  sizes: torch.Tensor, grpo: GRPOArguments) -> torch.Tensor:
+    """Advantages of a rollout: [N], --advantage over each group (--advantage_level sequence), or [N, Lc], each
+    token's from the tree of what its group's completions share (node)."""
+    if grpo.advantage_level == "node":
+        return node_advantages(rewards, completion_ids, completion_mask, sizes)
+    return group_advantages(rewards, sizes, grpo.advantage)
 
 
 def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, grpo: GRPOArguments, tokenizer,
@@ -226,7 +243,7 @@ def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments
         return 0
     G = grpo.num_generations
     packings = (pack_completions(p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask,
-                                 [G] * len(p.prompt_ids), shared_preamble(p, grpo))
+                                 [G] * len(p.prompt_ids), shared_preamble(p, grpo), shares_completions(grpo))
                 for p in batch.micro_batches(train, G))
     return sum(packing.layout.prefix_tokens_saved for packing in packings)
 

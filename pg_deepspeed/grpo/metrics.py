@@ -63,7 +63,8 @@ class MetricsLogger:
             tracker.close()
         plot_rewards(self.path, os.path.join(self.output_dir, "reward.png"))
         plot_evaluation(self.path, os.path.join(self.output_dir, "eval.png"))
-        summary = evaluation_summary(read_metrics(self.path))
+        # a run stopped before its first step (during the warm-up) has no metrics yet
+        summary = evaluation_summary(read_metrics(self.path)) if os.path.exists(self.path) else None
         if summary:
             tqdm.write(summary)
 

@@ -15,7 +15,8 @@ observation token after the prompt:
              as its context, one call per conversation (how trainers that split a conversation into turns train it)
   standard   every conversation whole beside its own copy of the prompt (`prefix_grouping=False`), a call per prompt
   flat       the prompt once per group, each conversation whole after it (two levels: today's single-turn packing)
-  tree       the prompt once, every shared turn once (`share_completions=True`: what `--environment` trains)
+  tree       the prompt once, every shared turn once, also through the LM head (`share_completions=True`: what
+             `--environment` trains)
 Before timing, standard, flat and tree must agree (float32, 1e-4). FLOPs: benchmarks/flops.py's forest_flops of what
 each variant forwards; "FLOP limit" is the standard forward's FLOPs over the variant's, "% of limit" its measured
 speedup over the standard forward as a share of that. Peak memory: each variant's first pass in a fresh subprocess
@@ -182,9 +183,12 @@ def run(preset: str, threads: int, memory: bool = True) -> list[dict]:
             if rep >= p.warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     turns, G = len(p.branching), math.prod(p.branching)
-    scored = {"per_turn": p.prompts * G * turns * p.assistant}  # the others score every token after the prompt
-    work = {n: forest_flops(shape, *f, scored.get(n, p.prompts * G * turns * turn_length(p)))
-            for n, f in forests(p).items()}
+    # LM-head rows: per_turn scores each turn's assistant tokens; standard and flat every token after the prompt of
+    # every conversation; the tree each distinct turn's tokens once
+    distinct = sum(math.prod(p.branching[:k + 1]) for k in range(turns))
+    scored = {"per_turn": p.prompts * G * turns * p.assistant, "standard": p.prompts * G * turns * turn_length(p),
+              "flat": p.prompts * G * turns * turn_length(p), "tree": p.prompts * distinct * turn_length(p)}
+    work = {n: forest_flops(shape, *f, scored[n]) for n, f in forests(p).items()}
     tokens = {n: sum(f[1]) for n, f in forests(p).items()}
     peaks = {n: peak_memory(preset, n, threads) for n in VARIANTS} if memory else {n: math.nan for n in VARIANTS}
     ms = {n: statistics.median(t) for n, t in times.items()}

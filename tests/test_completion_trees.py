@@ -56,8 +56,9 @@ def test_a_sampling_tree_forwarded_once_gives_each_conversation_s_logprobs_and_g
     model, reference = _pair(family)
     model.train(), reference.train()
     batch = random_tree_batch(seed, "left" if seed % 2 else "right")
-    tokens = []
+    tokens, head_rows = [], []
     model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: tokens.append(args[0].numel()))
+    model.lm_head.register_forward_hook(lambda _m, args, _o: head_rows.append(args[0].shape[0]))
 
     logps = completion_logprobs(model, *batch, share_completions=True, chunk_size=7)
     expected = one_by_one_logprobs(reference, *batch)
@@ -65,6 +66,7 @@ def test_a_sampling_tree_forwarded_once_gives_each_conversation_s_logprobs_and_g
     assert (logps - expected).abs().max() <= 1e-5
     prompt_tokens = int(batch[1].sum())
     assert tokens == [prompt_tokens + distinct_completion_prefixes(*batch[2:])]  # every shared turn once
+    assert sum(head_rows) == distinct_completion_prefixes(*batch[2:])  # and scored once
     advantages = torch.randn(batch[2].shape[0], 1, generator=torch.Generator().manual_seed(seed))
     (advantages * logps).sum().backward()
     (advantages * expected).sum().backward()

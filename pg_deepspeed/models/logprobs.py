@@ -324,8 +324,13 @@ def completion_logprobs(
         preamble, share_completions = 0, False
     packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble,
                                share_completions)
-    logps, entropies = _token_logprobs(model, hf, packing.ids, packing.layout, packing.targets, temperature,
+    targets, copies = packing.targets, None
+    if share_completions:  # a shared turn's tokens go through the LM head once; each member reads its copy
+        targets, copies = torch.unique(targets, return_inverse=True)
+    logps, entropies = _token_logprobs(model, hf, packing.ids, packing.layout, targets, temperature,
                                        return_entropy, chunk_size)
+    if copies is not None:
+        logps, entropies = logps[copies], (entropies[copies] if return_entropy else None)
     # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
     keep = completion_mask.bool()
     logps = packing.unpack(logps).where(keep, 0.0)

@@ -50,7 +50,7 @@ class ChatTurns:
         self.tools = list(tools) if tools and self.renders_tools else None
         self.eos_id = self.tokenizer.eos_token_id
         # the special tokens' texts (role markers, end-of-turn): an observation must not hold one
-        self.special = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self.special = sorted({t for t in self.tokenizer.all_special_tokens if t})
 
     def first_messages(self, messages: list[dict]) -> list[dict]:
         """The environment's first messages with --system_prompt applied (as PromptFormat applies it)."""
@@ -84,7 +84,7 @@ class ChatTurns:
         out = []
         for i, message in enumerate(messages):
             content = message["content"]
-            found = next((t for t in self.special if t in content), None)
+            found = min((t for t in self.special if t in content), key=content.index, default=None)
             if found is not None:
                 raise TemplateBreakError(
                     f"{where}: observation {i} ({message['role']}) contains the special token {found!r}, which the "

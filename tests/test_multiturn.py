@@ -6,6 +6,7 @@ conversation the template cannot continue is refused naming it.
 
 The sampling models besides the real one are tiny random Llamas over SmolLM2's vocabulary whose LM head has a bias
 towards <|im_end|> (EOS), so that their turns end by themselves after a few tokens, as a chat model's do."""
+import json
 import os
 from pathlib import Path
 
@@ -298,3 +299,18 @@ def test_tool_roles_and_tools_follow_the_template(tokenizer):
         no_template = AutoTokenizer.from_pretrained(SMOLLM2)
         no_template.chat_template = None
         ChatTurns(PromptFormat(no_template))
+
+
+@pytest.mark.distributed
+def test_every_rank_makes_the_same_sampling_calls_when_its_conversations_end_first(tmp_path):
+    """tests/dist/multiturn_ranks.py through the real launcher (two CPU ranks, ZeRO-3, per-layer gathering: every
+    forward a collective): rank 0's conversations all end after one turn, rank 1's run three; rank 0 joins the two
+    later turns with idle calls, and both ranks' batches are whole."""
+    from conftest import run_deepspeed
+
+    result = run_deepspeed("tests/dist/multiturn_ranks.py", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-4000:]
+    first, second = json.loads((tmp_path / "result.json").read_text())
+    assert first["turns"] == [1] * 4 and first["ended"] == ["done"] * 4 and first["rewards"] == [1.0] * 4
+    assert max(second["turns"]) == 3 and first["rows"] == second["rows"] == 4
+    assert first["calls"] == second["calls"] == 3

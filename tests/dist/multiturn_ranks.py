@@ -1,7 +1,7 @@
 """Two-rank ZeRO-3 multi-turn rollouts run by tests/test_multiturn.py through the real launcher; rank 0 writes
 --out/result.json.
 
-    deepspeed --num_gpus 2 tests/dist/multiturn_ranks.py --out DIR
+    deepspeed --num_gpus 2 tests/dist/multiturn_ranks.py --out DIR [--sp 2]
 
 A tiny random Llama over the character vocabulary (its LM head biased towards EOS, so turns end by themselves) is
 sharded by ZeRO-3 and samples with `--rollout_gather per_layer`, where every forward gathers each layer's weights
@@ -9,6 +9,10 @@ with a collective: ranks that made different numbers of forwards would fail or h
 conversation after its first turn; rank 1's continues to --max_turns 3, so rank 0 must join rank 1's later turns with
 idle calls. Each rank records its sampling calls (steps.sample, counted), the turns of its conversations and its
 batch's shapes.
+
+With --sp 2 the two ranks are one sequence-parallel replica (same examples, same seed) and the environment answers
+differently on each rank (it names its rank, and rank 1's ends conversations at once): the rollout must give both
+ranks the group's first rank's conversations.
 """
 import argparse
 import json
@@ -62,6 +66,17 @@ class StopsOrGoes:
         return [{"role": "tool", "content": "ok"}], 1.0 if self.stop else 0.5, self.stop
 
 
+class SaysItsRank:
+    """Not deterministic across ranks: the observation names the rank, and on rank 1 every conversation ends."""
+
+    def reset(self, example):
+        return [{"role": "user", "content": example["prompt"]}]
+
+    def step(self, messages):
+        rank = dist.get_rank()
+        return [{"role": "tool", "content": f"rank {rank} says ok"}], float(rank), rank == 1
+
+
 def eos_biased_llama(tokenizer) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -82,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--sp", type=int, default=1)
     args = parser.parse_args()
     deepspeed.init_distributed()
     rank = dist.get_rank()
@@ -89,19 +105,23 @@ def main() -> None:
     tokenizer.chat_template = TEMPLATE
     config = load_ds_config("ds_configs/zero3_cpu.json", micro_batch_size=2, gradient_accumulation_steps=1,
                             world_size=2, hidden_size=32, dtype="float32", lr=1e-3, weight_decay=0.0,
-                            warmup_steps=0, total_steps=2)
+                            warmup_steps=0, total_steps=2, sequence_parallel_size=args.sp)
     config.pop("scheduler")
-    engine = init_policy(eos_biased_llama(tokenizer), config)
+    dims = ParallelDims(2, args.sp)
+    engine = init_policy(eos_biased_llama(tokenizer), config, dims=dims)
     options = multiturn.MultiTurnOptions(3, (2,), 24)
     grpo = GRPOArguments(num_generations=2, max_new_tokens=24, rollout_gather="per_layer", rollout_prefill_chunk=0)
-    answer = "stop" if rank == 0 else "go"
+    answer = "stop" if dims.replica(rank) == 0 and args.sp == 1 else "go"
     examples = [Example(f"{a}+{b}=", answer) for a, b in ((1, 2), (3, 4))]
-    batch = multiturn.multiturn_rollout(engine, ChatTurns(PromptFormat(tokenizer)), StopsOrGoes, examples,
-                                        with_environment(None), options, grpo, ParallelDims(2), torch.device("cpu"),
-                                        torch.Generator().manual_seed(rank), rank)
+    environment = StopsOrGoes if args.sp == 1 else SaysItsRank
+    seed = dims.replica(rank)
+    batch = multiturn.multiturn_rollout(engine, ChatTurns(PromptFormat(tokenizer)), environment, examples,
+                                        with_environment(None), options, grpo, dims, torch.device("cpu"),
+                                        torch.Generator().manual_seed(seed), seed)
     result = {"rank": rank, "calls": CALLS["sample"], "turns": [s["turns"] for s in batch.samples],
               "ended": [s["ended"] for s in batch.samples], "rows": batch.completion_ids.shape[0],
-              "rewards": batch.rewards.tolist()}
+              "rewards": batch.rewards.tolist(), "completion_ids": batch.completion_ids.tolist(),
+              "messages": [s["messages"] for s in batch.samples]}
     results = [None, None]
     dist.all_gather_object(results, result)
     if rank == 0:

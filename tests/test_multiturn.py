@@ -334,10 +334,18 @@ def test_every_rank_makes_the_same_sampling_calls_when_its_conversations_end_fir
 
     result = run_deepspeed("tests/dist/multiturn_ranks.py", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:]
-    first, second = json.loads((tmp_path / "result.json").read_text())
-    assert first["turns"] == [1] * 4 and first["ended"] == ["done"] * 4 and first["rewards"] == [1.0] * 4
-    assert max(second["turns"]) == 3 and first["rows"] == second["rows"] == 4
-    assert first["calls"] == second["calls"] == 3
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    for gather in ("per_layer", "full"):  # the weights gathered for each forward, or once around all turns
+        first, second = (r[gather] for r in ranks)
+        assert first["turns"] == [1] * 4 and first["ended"] == ["done"] * 4 and first["rewards"] == [1.0] * 4
+        assert max(second["turns"]) == 3 and first["rows"] == second["rows"] == 4
+        assert first["calls"] == second["calls"] == 3
+        assert all(r[f"{gather}/partitioned_after"] for r in ranks)  # the weights partitioned again after it
+    for r in ranks:
+        assert r["per_layer"]["completion_ids"] == r["full"]["completion_ids"]
+        # full: the model gathered once for the three turns; per layer: every forward's layers
+        assert r["full"]["all_gathers"] == r["one_gather"] > 0
+        assert r["per_layer"]["all_gathers"] > 3 * r["one_gather"]
 
 
 def test_the_next_prompt_is_the_rest_of_the_rendering_exact_or_after_the_models_own_token_split(tokenizer):
@@ -399,7 +407,7 @@ def test_the_ranks_of_a_sequence_parallel_group_roll_out_its_first_ranks_convers
 
     result = run_deepspeed("tests/dist/multiturn_ranks.py", "--out", str(tmp_path), "--sp", "2")
     assert result.returncode == 0, result.stdout[-4000:]
-    first, second = json.loads((tmp_path / "result.json").read_text())
+    first, second = (r["full"] for r in json.loads((tmp_path / "result.json").read_text()))
     assert first["completion_ids"] == second["completion_ids"] and first["messages"] == second["messages"]
     assert first["rewards"] == second["rewards"] == [0.0] * 4  # rank 0's reward
     assert max(first["turns"]) == 3 and first["calls"] == second["calls"] == 3

@@ -18,6 +18,7 @@ leaf below it: its row is repeated prod(branching[turns:]) times.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from pg_deepspeed.collectives import any_rank
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
 from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.chat_turns import ChatTurns
@@ -179,7 +181,6 @@ def multiturn_rollout(policy, turns: ChatTurns, environment: type, examples: Seq
     if ENVIRONMENT_REWARD not in rewards.names:
         raise ValueError("the rewards of a multi-turn rollout need the environment's: build them with "
                          "environments.with_environment")
-    tokenizer, budget = turns.tokenizer, options.max_completion_tokens
     prompts, groups, first = [], [], []
     for b, example in enumerate(examples):
         env = environment()
@@ -187,6 +188,23 @@ def multiturn_rollout(policy, turns: ChatTurns, environment: type, examples: Seq
         prompts.append(turns.prompt_ids(messages))
         first.append(messages)
         groups.append([Conversation(b, (), env, [dict(m) for m in messages])])
+    # the built-in engine under --rollout_gather full: the weights gathered once for all turns, not once per turn
+    once = vllm is None and grpo.rollout_gather == "full"
+    with gathered_for_generation(policy, "full" if once else "per_layer"):
+        cache_bytes, with_logps = turn_loop(policy, turns, groups, prompts, options,
+                                            dataclasses.replace(grpo, rollout_gather="per_layer") if once else grpo,
+                                            dims, device, generator, seed, guard, vllm)
+    return assemble(groups, prompts, first, examples, turns, rewards, options, grpo, device, cache_bytes, with_logps)
+
+
+def turn_loop(policy, turns: ChatTurns, groups: list[list[Conversation]], prompts: list[list[int]],
+              options: MultiTurnOptions, grpo: GRPOArguments, dims: ParallelDims, device: torch.device,
+              generator: torch.Generator, seed: int, guard: PreemptionGuard | None, vllm: VLLMRollout | None
+              ) -> tuple[int, bool]:
+    """Up to max_turns turns over the groups' live conversations (each group's list replaced by its leaves so far,
+    in tree order); returns (the decode cache's largest K/V bytes, whether the sampler returned log-probs).
+    Collective: one sampling call per turn while any rank has a live conversation."""
+    tokenizer, budget = turns.tokenizer, options.max_completion_tokens
     cache_bytes, with_logps = 0, False
     for turn in range(options.max_turns):
         live = [c for group in groups for c in group if c.ended is None]
@@ -218,7 +236,7 @@ def multiturn_rollout(policy, turns: ChatTurns, environment: type, examples: Seq
             after_step(child, closed, observations, reward, done, turns, prompts[child.group], options)
         for group in groups:
             group[:] = [kid for c in group for kid in children.get(id(c), [c])]
-    return assemble(groups, prompts, first, examples, turns, rewards, options, grpo, device, cache_bytes, with_logps)
+    return cache_bytes, with_logps
 
 
 def take_turn(child: Conversation, sampled: list[int], logps: list[float], turns: ChatTurns, budget: int | None,

@@ -7,8 +7,9 @@ A tiny random Llama over the character vocabulary (its LM head biased towards EO
 sharded by ZeRO-3 and samples with `--rollout_gather per_layer`, where every forward gathers each layer's weights
 with a collective: ranks that made different numbers of forwards would fail or hang. Rank 0's environment ends every
 conversation after its first turn; rank 1's continues to --max_turns 3, so rank 0 must join rank 1's later turns with
-idle calls. Each rank records its sampling calls (steps.sample, counted), the turns of its conversations and its
-batch's shapes.
+idle calls. The rollout runs twice, under `--rollout_gather per_layer` and `full` (the weights gathered once around
+all turns), which must sample the same. Each rank records its sampling calls (steps.sample, counted), the turns of
+its conversations and its batch's shapes.
 
 With --sp 2 the two ranks are one sequence-parallel replica (same examples, same seed) and the environment answers
 differently on each rank (it names its rank, and rank 1's ends conversations at once): the rollout must give both
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -33,6 +33,7 @@ from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer  # noqa: E402
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
 from pg_deepspeed.distributed.engines import init_policy  # noqa: E402
 from pg_deepspeed.distributed.parallel_dims import ParallelDims  # noqa: E402
+from pg_deepspeed.distributed.rollout_weights import gathered_for_generation  # noqa: E402
 from pg_deepspeed.grpo.args import GRPOArguments  # noqa: E402
 from pg_deepspeed.grpo.chat_turns import ChatTurns  # noqa: E402
 from pg_deepspeed.grpo.data import Example  # noqa: E402
@@ -42,7 +43,21 @@ from pg_deepspeed.grpo.prompts import PromptFormat  # noqa: E402
 # ChatML over the character vocabulary: each message closed by the tokenizer's EOS, as ChatML closes with <|im_end|>
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-CALLS = {"sample": 0}
+CALLS = {"sample": 0, "all_gather": 0}
+
+
+def _counting(fn):
+    def call(*args, **kwargs):
+        CALLS["all_gather"] += 1
+        return fn(*args, **kwargs)
+    return call
+
+
+for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"):
+    if hasattr(dist, _name):  # before deepspeed binds them
+        setattr(dist, _name, _counting(getattr(dist, _name)))
+
+import deepspeed  # noqa: E402
 
 
 def counted(fn):
@@ -110,18 +125,27 @@ def main() -> None:
     dims = ParallelDims(2, args.sp)
     engine = init_policy(eos_biased_llama(tokenizer), config, dims=dims)
     options = multiturn.MultiTurnOptions(3, (2,), 24)
-    grpo = GRPOArguments(num_generations=2, max_new_tokens=24, rollout_gather="per_layer", rollout_prefill_chunk=0)
     answer = "stop" if dims.replica(rank) == 0 and args.sp == 1 else "go"
     examples = [Example(f"{a}+{b}=", answer) for a, b in ((1, 2), (3, 4))]
     environment = StopsOrGoes if args.sp == 1 else SaysItsRank
     seed = dims.replica(rank)
-    batch = multiturn.multiturn_rollout(engine, ChatTurns(PromptFormat(tokenizer)), environment, examples,
-                                        with_environment(None), options, grpo, dims, torch.device("cpu"),
-                                        torch.Generator().manual_seed(seed), seed)
-    result = {"rank": rank, "calls": CALLS["sample"], "turns": [s["turns"] for s in batch.samples],
-              "ended": [s["ended"] for s in batch.samples], "rows": batch.completion_ids.shape[0],
-              "rewards": batch.rewards.tolist(), "completion_ids": batch.completion_ids.tolist(),
-              "messages": [s["messages"] for s in batch.samples]}
+    CALLS["all_gather"] = 0
+    with gathered_for_generation(engine, "full"):  # what gathering the model once costs
+        pass
+    result = {"rank": rank, "one_gather": CALLS["all_gather"]}
+    for gather in ("per_layer", "full"):
+        CALLS["sample"] = CALLS["all_gather"] = 0
+        grpo = GRPOArguments(num_generations=2, max_new_tokens=24, rollout_gather=gather, rollout_prefill_chunk=0)
+        batch = multiturn.multiturn_rollout(engine, ChatTurns(PromptFormat(tokenizer)), environment, examples,
+                                            with_environment(None), options, grpo, dims, torch.device("cpu"),
+                                            torch.Generator().manual_seed(seed), seed)
+        result[gather] = {"calls": CALLS["sample"], "all_gathers": CALLS["all_gather"], "turns": [s["turns"] for s in batch.samples],
+                          "ended": [s["ended"] for s in batch.samples], "rows": batch.completion_ids.shape[0],
+                          "rewards": batch.rewards.tolist(), "completion_ids": batch.completion_ids.tolist(),
+                          "messages": [s["messages"] for s in batch.samples]}
+        result[f"{gather}/partitioned_after"] = all(
+            p.ds_status.name == "NOT_AVAILABLE" or getattr(p, "ds_persist", False)
+            for p in engine.module.parameters())
     results = [None, None]
     dist.all_gather_object(results, result)
     if rank == 0:

@@ -113,3 +113,16 @@ def test_completion_trie_of_rows_that_end_inside_others_and_identical_rows():
     segments, paths = completion_trie(lcp, lengths)
     assert [(p, a, b) for p, _, a, b in segments] == [(-1, 0, 3), (0, 3, 5), (-1, 0, 2)]
     assert paths == [[0], [0, 1], [0, 1], [2]]
+
+
+def test_prefix_tokens_saved_counts_every_member_even_one_whose_conversation_another_holds_whole():
+    """A conversation that ended early stands for several leaves (identical rows) and one row may be the start of
+    another: the saving is against each member forwarded alone, not against the trie's leaf paths."""
+    completions = torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, 8], [9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    packing = pack_completions(torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long), completions, mask, [4],
+                               share_completions=True)
+    alone = 4 * 2 + (3 + 3 + 3 + 1)
+    forwarded = 2 + len({(5,), (5, 6), (5, 6, 7), (5, 6, 8), (9,)})
+    assert packing.layout.num_tokens == forwarded
+    assert packing.prefix_tokens_saved == alone - forwarded

@@ -105,14 +105,22 @@ def test_node_advantages_of_a_flat_group_are_twice_the_centred_reward():
     assert torch.allclose(adv, 2 * (rewards - 0.5)[:, None] * mask, atol=1e-6)
 
 
+ENV = dict(environment="m:C", max_completion_tokens=64)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(branching="2,2,2", num_generations=4), r"--branching 2,2,2 samples 8 conversations per prompt but "
                                                  r"--num_generations is 4"),
     (dict(branching="2,2", num_generations=4), r"--branching 2,2 branches at turn boundaries: it needs --environment"),
-    (dict(branching="2,x", num_generations=4, environment="m:C"), r"--branching must be k1,k2,\.\.\."),
-    (dict(branching="2,0", num_generations=0, environment="m:C"), r"--branching must be k1,k2,\.\.\."),
-    (dict(branching="2,2,2", num_generations=8, environment="m:C", max_turns=2), r"has 3 levels but --max_turns is 2"),
-    (dict(max_turns=0, environment="m:C"), r"--max_turns must be >= 1"),
+    (dict(branching="2,x", num_generations=4, **ENV), r"--branching '2,x': expected positive integers"),
+    (dict(branching="2,0", num_generations=0, **ENV), r"--branching '2,0': expected positive integers"),
+    (dict(branching="2,2,2", num_generations=8, max_turns=2, **ENV), r"has 3 levels but --max_turns is 2"),
+    (dict(max_turns=0, **ENV), r"--max_turns must be >= 1"),
+    (dict(environment="m:C"), r"--environment needs --max_completion_tokens"),
+    (dict(max_completion_tokens=64), r"--max_completion_tokens bounds a multi-turn conversation: it needs "
+                                     r"--environment"),
+    (dict(ENV, max_completion_tokens=2, max_new_tokens=4),
+     r"--max_completion_tokens 2 is below --max_new_tokens 4"),
     (dict(advantage_level="turn"), r"--advantage_level must be one of"),
     (dict(advantage_level="node", no_prefix_grouping=True), r"--advantage_level node .* --no_prefix_grouping"),
 ])
@@ -121,6 +129,8 @@ def test_multi_turn_options_that_disagree_are_refused_naming_the_option(options,
         check_multiturn(GRPOArguments(**options), TrainArguments(ds_config="x"))
 
 
-def test_branching_that_agrees_with_g_is_accepted():
-    check_multiturn(GRPOArguments(branching="2,2,2", num_generations=8, environment="m:C"), TrainArguments(ds_config="x"))
-    check_multiturn(GRPOArguments(branching="8", num_generations=8), TrainArguments(ds_config="x"))
+def test_branching_that_agrees_with_g_gives_the_conversations_limits():
+    limits = check_multiturn(GRPOArguments(branching="2,2,2", num_generations=8, max_new_tokens=16, **ENV),
+                             TrainArguments(ds_config="x"))
+    assert limits.branching == (2, 2, 2) and limits.group_size == 8 and limits.max_completion_tokens == 64
+    assert check_multiturn(GRPOArguments(branching="8", num_generations=8), TrainArguments(ds_config="x")) is None

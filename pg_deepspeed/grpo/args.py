@@ -193,25 +193,18 @@ class GRPOArguments:
                   "first assistant turn, k2 of each of those, ...; their product is --num_generations. Unset: G "
                   "independent conversations (the same as --branching G). Shared turns are computed once."},
     )
+    max_completion_tokens: int | None = field(
+        default=None,
+        metadata={"help": "--environment (required there): tokens after the prompt in all, assistant turns, "
+                  "observations and the template's text between them; a conversation that reaches it ends. Bounds "
+                  "the rows' length, so memory, and what the model's positions must cover."},
+    )
     advantage_level: str = field(
         default="sequence",
         metadata={"help": "sequence (each completion's --advantage on all its tokens) or node (each token's from the "
                   "tree of what the group's completions share: the mean reward of the completions below it against "
                   "its parent's and the group's, after TreeRL; docs/multiturn.md)."},
     )
-
-
-def branching_factors(grpo: GRPOArguments) -> list[int]:
-    """--branching as [k1, k2, ...] ([G] when unset); raises naming the option when it is not k1,k2,... of ints >= 1."""
-    if grpo.branching is None:
-        return [grpo.num_generations]
-    try:
-        factors = [int(k) for k in grpo.branching.split(",")]
-    except ValueError:
-        factors = []
-    if not factors or any(k < 1 for k in factors):
-        raise ValueError(f"--branching must be k1,k2,... with every k >= 1 (e.g. 2,2,2), got {grpo.branching!r}")
-    return factors
 
 
 @dataclass

@@ -29,14 +29,13 @@ import torch.distributed as dist
 from pg_deepspeed.collectives import any_rank
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
-from pg_deepspeed.grpo.advantages import group_advantages
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.chat_turns import ChatTurns
 from pg_deepspeed.grpo.data import Example, PromptSource, batch_indices
 from pg_deepspeed.grpo.environments import ENVIRONMENT_REWARD, checked_reset, checked_step
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 from pg_deepspeed.grpo.rewards import RewardFunctions
-from pg_deepspeed.grpo.steps import Batch, sample
+from pg_deepspeed.grpo.steps import Batch, advantages_of, sample
 from pg_deepspeed.grpo.vllm_rollout import VLLMRollout
 
 
@@ -167,8 +166,8 @@ def multiturn_rollout(policy, turns: ChatTurns, environment: type, examples: Seq
     prompt; completion_ids [N, Lc] right-padded (pad id): every token after the prompt; completion_mask [N, Lc]: 1 on
     each of them; loss_mask [N, Lc]: 1 on the tokens the model sampled (its end-of-turn token included); rewards [N]:
     `rewards` (made by environments.with_environment) of each conversation, the environment's reward in its
-    `environment` column, the others scoring the last assistant message; advantages [N]: grpo.advantage over each
-    group's G rows; rollout_logps [N, Lc] (vLLM, temperature > 0): the engine's log-probs at sampled tokens, 0
+    `environment` column, the others scoring the last assistant message; advantages: steps.advantages_of over each
+    group's G rows ([N], or [N, Lc] with --advantage_level node); rollout_logps [N, Lc] (vLLM, temperature > 0): the engine's log-probs at sampled tokens, 0
     elsewhere; samples: per row the prompt, the rest as text, the messages, rewards, turns, tool calls and why it
     ended; rollout_metrics: this rank's turns_mean and tool_calls_mean. Collective (one sampling call per turn on
     every rank)."""
@@ -308,7 +307,8 @@ def assemble(groups: list[list[Conversation]], prompts: list[list[int]], first: 
                 "turns": c.turns, "tool_calls": c.tool_calls, "ended": c.ended}
                for n, (c, r) in enumerate(zip(rows, total))]
     return Batch(prompt_ids, prompt_mask, completion_ids, completion_mask, reward,
-                 group_advantages(reward, sizes, grpo.advantage), cache_bytes=cache_bytes, samples=samples,
+                 advantages_of(reward, completion_ids, completion_mask, sizes, grpo), cache_bytes=cache_bytes,
+                 samples=samples,
                  reward_parts=torch.tensor(parts, dtype=torch.float64, device=device).T.contiguous(),
                  rollout_logps=right_padded([c.logps for c in rows], 0.0, torch.float32, device) if with_logps
                  else None,

@@ -19,11 +19,14 @@ from pg_deepspeed.generation.sampling import CACHE_MODES, DEFAULT_PREFILL_CHUNK
 from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, vllm_missing
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
-                                    ModelArguments, TrainArguments, branching_factors)
+                                    ModelArguments, TrainArguments)
+from pg_deepspeed.grpo.chat_turns import ChatTurns
 from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, FileDataset, PromptSource, build_source, longest_prompt
+from pg_deepspeed.grpo.environments import ENVIRONMENT_REWARD, load_environment, with_environment
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask, is_reasoning_gym
 from pg_deepspeed.grpo.loss import AGGREGATIONS
+from pg_deepspeed.grpo.multiturn import MultiTurnOptions, parse_branching
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.tracking import check_report_to
 from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
@@ -46,6 +49,10 @@ class TrainingSetup:
     rewards: RewardFunctions
     ds_config: dict
     max_length: int  # the longest prompt + max_new_tokens: the patch accepts windows at least this long
+    # --environment: the environment class, the conversations' limits, the chat template's turn rule
+    environment: type | None = None
+    multiturn: MultiTurnOptions | None = None
+    chat_turns: ChatTurns | None = None
 
     def options(self) -> dict:
         """Every option of the run by name (a tracker's config)."""
@@ -73,8 +80,14 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         raise ValueError(f"--sft_warmup_steps {train.sft_warmup_steps}: --task {source.name} has no reference answers "
                          "to imitate (its scorer judges each completion); leave it 0")
     prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
-    max_length = check_prompt_lengths(prompt_format, source, config, grpo.max_new_tokens)
+    multiturn = check_multiturn(grpo, train)
+    environment = load_environment(grpo.environment) if grpo.environment is not None else None
+    max_length = check_prompt_lengths(prompt_format, source, config,
+                                      grpo.max_new_tokens if multiturn is None else multiturn.max_completion_tokens)
     source, eval_set = held_out(data_args, source, train.seed)
+    if eval_set is not None and environment is not None:
+        raise ValueError("--eval_examples/--eval_dataset with --environment: held-out evaluation of multi-turn "
+                         "conversations is not built yet; leave them unset")
     if eval_set is not None:
         max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, grpo.max_new_tokens))
     check_patchable(config, max_length)
@@ -87,7 +100,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
                               task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,
                               task=source.name if data_args.dataset is None else "")
-    rewards.check_columns(getattr(source, "extra_columns", ()), where=source.name)
+    columns = tuple(getattr(source, "extra_columns", ()))
+    if environment is not None:  # the environment's reward (a column the rollout fills), with --reward_fn's if named
+        rewards = with_environment(rewards if grpo.reward_fn else None)
+        columns += (ENVIRONMENT_REWARD,)
+    rewards.check_columns(columns, where=source.name)
     if eval_set is not None:
         rewards.check_columns(list(eval_set.examples[0].columns), where=eval_set.name)
     ds_config = load_ds_config(
@@ -103,7 +120,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
     return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, eval_set,
-                         rewards, ds_config, max_length)
+                         rewards, ds_config, max_length, environment, multiturn,
+                         ChatTurns(prompt_format, getattr(environment, "tools", None)) if environment else None)
 
 
 def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -148,31 +166,38 @@ def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments
         raise ValueError(f"--min_shared_preamble must be >= 0 (0 = never), got {grpo.min_shared_preamble}")
     check_reward_options(grpo.reward_fn, grpo.reward_weights, grpo.format_pattern)
     check_rollout_engine(grpo, train)
-    check_multiturn(grpo, train)
 
 
 ADVANTAGE_LEVELS = ("sequence", "node")
 
 
-def check_multiturn(grpo: GRPOArguments, train: TrainArguments) -> None:
-    """--environment, --max_turns, --branching and --advantage_level agree with each other and with G."""
+def check_multiturn(grpo: GRPOArguments, train: TrainArguments) -> MultiTurnOptions | None:
+    """--environment, --max_turns, --branching, --max_completion_tokens and --advantage_level agree with each other
+    and with G; returns the conversations' limits (None without --environment)."""
     if grpo.advantage_level not in ADVANTAGE_LEVELS:
         raise ValueError(f"--advantage_level must be one of {ADVANTAGE_LEVELS}, got {grpo.advantage_level!r}")
     if grpo.advantage_level == "node" and grpo.no_prefix_grouping:
         raise ValueError("--advantage_level node reads the tree of what completions share, which "
                          "--no_prefix_grouping does not build: drop one of them")
-    if grpo.max_turns < 1:
-        raise ValueError(f"--max_turns must be >= 1, got {grpo.max_turns}")
-    factors = branching_factors(grpo)
-    if math.prod(factors) != grpo.num_generations:
-        raise ValueError(f"--branching {grpo.branching} samples {math.prod(factors)} conversations per prompt but "
+    levels = parse_branching(grpo.branching if grpo.branching is not None else grpo.num_generations)
+    if math.prod(levels) != grpo.num_generations:
+        raise ValueError(f"--branching {grpo.branching} samples {math.prod(levels)} conversations per prompt but "
                          f"--num_generations is {grpo.num_generations}: make them agree")
-    if grpo.environment is None and len(factors) > 1:
-        raise ValueError(f"--branching {grpo.branching} branches at turn boundaries: it needs --environment (a "
-                         "single-turn rollout has one assistant turn)")
-    if len(factors) > grpo.max_turns:
-        raise ValueError(f"--branching {grpo.branching} has {len(factors)} levels but --max_turns is "
-                         f"{grpo.max_turns}: a level branches one assistant turn")
+    if grpo.environment is None:
+        if len(levels) > 1:
+            raise ValueError(f"--branching {grpo.branching} branches at turn boundaries: it needs --environment (a "
+                             "single-turn rollout has one assistant turn)")
+        if grpo.max_completion_tokens is not None:
+            raise ValueError("--max_completion_tokens bounds a multi-turn conversation: it needs --environment (a "
+                             "single-turn completion is bounded by --max_new_tokens)")
+        return None
+    if grpo.max_completion_tokens is None:
+        raise ValueError("--environment needs --max_completion_tokens: the tokens after the prompt in all (turns, "
+                         "observations, template text), which bound the rows' memory and the positions they reach")
+    if train.sequence_parallel_size > 1 and grpo.rollout_engine == "vllm":
+        raise ValueError("--environment with --rollout_engine vllm and --sequence_parallel_size > 1: vLLM refuses "
+                         "sequence parallelism (see check_rollout_engine)")
+    return MultiTurnOptions(grpo.max_turns, levels, grpo.max_new_tokens, grpo.max_completion_tokens)
 
 
 def curriculum_of(data: DataArguments, max_steps: int) -> Curriculum | None:

@@ -238,14 +238,15 @@ def update(policy, batch: Batch, grpo: GRPOArguments, train: TrainArguments, gua
 
 def prefix_tokens_saved(batch: Batch, grpo: GRPOArguments, train: TrainArguments) -> int:
     """Tokens one log-prob pass over the batch did not recompute: each micro-batch's packed layout's own count
-    (the G-1 repeats of every prompt, and a shared preamble's repeats), 0 with --no_prefix_grouping."""
+    (the G-1 repeats of every prompt, a shared preamble's and a multi-turn group's shared turns' repeats, each
+    against its members forwarded alone), 0 with --no_prefix_grouping."""
     if grpo.no_prefix_grouping:
         return 0
     G = grpo.num_generations
     packings = (pack_completions(p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask,
                                  [G] * len(p.prompt_ids), shared_preamble(p, grpo), shares_completions(grpo))
                 for p in batch.micro_batches(train, G))
-    return sum(packing.layout.prefix_tokens_saved for packing in packings)
+    return sum(packing.prefix_tokens_saved for packing in packings)
 
 
 def sft_warmup(policy, prompt_format: PromptFormat, source: PromptSource, grpo: GRPOArguments, train: TrainArguments, dims: ParallelDims,

@@ -25,6 +25,7 @@ from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments,
 from pg_deepspeed.grpo.checkpointer import Checkpointer
 from pg_deepspeed.grpo.evaluation import evaluate
 from pg_deepspeed.grpo.metrics import MetricsLogger
+from pg_deepspeed.grpo.multiturn import rollout_conversations
 from pg_deepspeed.grpo.nonfinite import NonFiniteGuard
 from pg_deepspeed.grpo.preemption import Preempted, PreemptionGuard, node_rank
 from pg_deepspeed.grpo.setup_checks import TrainingSetup, prepare
@@ -73,8 +74,7 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
         t_sync = time.perf_counter() - t0
         try:
             with PeakMemory(device) as rollout_peak:
-                batch = rollout(policy, setup.prompt_format, setup.source, setup.rewards, grpo, train, step - 1, dims,
-                                rank, device, guard, vllm)
+                batch = roll_out(setup, policy, step - 1, rank, device, guard, vllm)
         except Preempted:
             logger.close()
             return checkpointer.stop(step - 1, rng_state=at_boundary, during=f" during the rollout of step {step}")
@@ -103,6 +103,17 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
     if train.export:
         export_hf(policy, setup.tokenizer, os.path.join(train.output_dir, "export"))
     logger.close()
+
+
+def roll_out(setup: TrainingSetup, policy, step: int, rank: int, device: torch.device, guard: PreemptionGuard,
+             vllm: VLLMRollout | None) -> Batch:
+    """This rank's rollout batch of `step`: one completion per sample, or multi-turn conversations (--environment)."""
+    if setup.environment is not None:
+        return rollout_conversations(policy, setup.chat_turns, setup.environment, setup.source, setup.rewards,
+                                     setup.multiturn, setup.grpo, setup.train, step, setup.dims, rank, device, guard,
+                                     vllm)
+    return rollout(policy, setup.prompt_format, setup.source, setup.rewards, setup.grpo, setup.train, step, setup.dims,
+                   rank, device, guard, vllm)
 
 
 def init_ranks(setup: TrainingSetup) -> tuple[int, torch.device]:

@@ -37,6 +37,13 @@ class CompletionPacking:
     cols: Tensor
     num_completions: int
     width: int
+    tokens_alone: int  # what forwarding each member alone (its prompt, then its completion) would take
+
+    @property
+    def prefix_tokens_saved(self) -> int:
+        """Tokens this packing does not recompute against each member forwarded alone: every repeat of a prompt, a
+        preamble and a shared turn (a member whose completion another's contains, or equals, counts too)."""
+        return self.tokens_alone - self.layout.num_tokens
 
     def unpack(self, x: Tensor) -> Tensor:
         """x: [Ts] in `targets` order -> [N, Lc], 0 at padded places (differentiable)."""
@@ -69,10 +76,11 @@ def pack_completions(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Te
     """
     groups = PrefixGroupLayout.from_masks(prompt_mask, completion_mask, list(sizes))
     ids = groups.pack(prompt_ids, completion_ids)
+    alone = int((groups.prefix_lens * groups.group_sizes).sum() + groups.suffix_lens.sum())
     if preamble == 0 and not share_completions:
         return CompletionPacking(groups, ids, groups.suffix_index, groups.suffix_row, groups.suffix_col,
-                                 groups.num_members, groups.completion_width)
-    return _as_tree(groups, ids, preamble, share_completions)
+                                 groups.num_members, groups.completion_width, alone)
+    return _as_tree(groups, ids, preamble, share_completions, alone)
 
 
 def completion_trie(lcp: list[list[int]], lengths: list[int]) -> tuple[list[tuple[int, int, int, int]],
@@ -117,7 +125,8 @@ def common_prefixes(rows: Tensor, lengths: Tensor) -> list[list[int]]:
     return same.long().cumprod(-1).sum(-1).tolist()
 
 
-def _as_tree(groups: PrefixGroupLayout, ids: Tensor, n: int, share_completions: bool) -> CompletionPacking:
+def _as_tree(groups: PrefixGroupLayout, ids: Tensor, n: int, share_completions: bool,
+             tokens_alone: int) -> CompletionPacking:
     """The two-level packing re-cut as a tree: the first n tokens of every prompt once at the root (n > 0), then per
     group the prompt's rest (when it has one), then its completions, each alone or (share_completions) as the trie
     of what they begin with in common. Each completion token keeps its (member, column); a shared one is scored at
@@ -174,4 +183,4 @@ def _as_tree(groups: PrefixGroupLayout, ids: Tensor, n: int, share_completions: 
     if copies_src:
         new_index[torch.cat(copies_src)] = new_index[torch.cat(copies_dst)]
     return CompletionPacking(layout, ids[order], new_index[groups.suffix_index], groups.suffix_row, groups.suffix_col,
-                             groups.num_members, groups.completion_width)
+                             groups.num_members, groups.completion_width, tokens_alone)

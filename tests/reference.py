@@ -217,3 +217,15 @@ def random_tree_batch(seed: int, padding_side: str = "left", max_depth: int = 4,
     for n, c in enumerate(completions):
         completion_ids[n, :len(c)], completion_mask[n, :len(c)] = torch.tensor(c), 1
     return prompt_ids, prompt_mask, completion_ids, completion_mask, sizes
+
+
+def worst_relative_grad_error(model, reference) -> float:
+    """max over parameters of |grad - reference grad| / |reference grad| (a parameter whose reference gradient is 0
+    or None must have none either)."""
+    errors = []
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is None or q.grad.norm() == 0:
+            assert p.grad is None or p.grad.norm() == 0, name
+            continue
+        errors.append(float((p.grad - q.grad).norm() / q.grad.norm()))
+    return max(errors)

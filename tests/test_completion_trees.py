@@ -9,7 +9,7 @@ import torch
 
 from pg_deepspeed import completion_logprobs, patch_model
 from pg_deepspeed.layouts.packing import completion_trie, pack_completions
-from reference import VOCAB, random_tree_batch, tiny_causal_lm
+from reference import VOCAB, random_tree_batch, tiny_causal_lm, worst_relative_grad_error
 
 
 def one_by_one_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask, sizes) -> torch.Tensor:
@@ -40,16 +40,6 @@ def _pair(family: str):
     return patch_model(copy.deepcopy(reference)), reference
 
 
-def _worst_relative_grad_error(model, reference) -> float:
-    errors = []
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        if q.grad is None or q.grad.norm() == 0:
-            assert p.grad is None or p.grad.norm() == 0, name
-            continue
-        errors.append(float((p.grad - q.grad).norm() / q.grad.norm()))
-    return max(errors)
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe"])
 @pytest.mark.parametrize("seed", range(6))
 def test_a_sampling_tree_forwarded_once_gives_each_conversation_s_logprobs_and_gradients(family, seed):
@@ -70,7 +60,7 @@ def test_a_sampling_tree_forwarded_once_gives_each_conversation_s_logprobs_and_g
     advantages = torch.randn(batch[2].shape[0], 1, generator=torch.Generator().manual_seed(seed))
     (advantages * logps).sum().backward()
     (advantages * expected).sum().backward()
-    assert _worst_relative_grad_error(model, reference) <= 1e-5
+    assert worst_relative_grad_error(model, reference) <= 1e-5
 
 
 def test_a_tree_under_a_shared_preamble_and_the_flat_packing_agree():

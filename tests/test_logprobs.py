@@ -10,7 +10,8 @@ import torch
 from conftest import run_deepspeed
 from pg_deepspeed import completion_logprobs, patch_model
 from pg_deepspeed.layouts.packing import common_prefix_length
-from reference import TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss
+from reference import (TINY_FAMILIES, padded_completion_logprobs, random_grpo_batch, tiny_causal_lm, tiny_gpt_oss,
+                       worst_relative_grad_error)
 
 SEEDS = (0, 5, 8)  # 3 groups of mixed sizes; 9 members, five of length 1; a 1-token prompt and completion
 GRAD_SEEDS = (0, 1)
@@ -20,16 +21,6 @@ def _pair(family: str, **overrides):
     """(patched model, unpatched copy with the same weights)."""
     reference = tiny_causal_lm(family, **overrides)
     return patch_model(copy.deepcopy(reference)), reference
-
-
-def _worst_relative_grad_error(model, reference) -> float:
-    errors = []
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        if q.grad is None or q.grad.norm() == 0:
-            assert p.grad is None or p.grad.norm() == 0, name
-            continue
-        errors.append(float((p.grad - q.grad).norm() / q.grad.norm()))
-    return max(errors)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -62,7 +53,7 @@ def test_grpo_gradients_match_padded_batch(family, checkpointing):
         model.zero_grad(), reference.zero_grad()
         (advantages * completion_logprobs(model, *batch, chunk_size=4)).sum().backward()
         (advantages * padded_completion_logprobs(reference, *batch)[0]).sum().backward()
-        assert _worst_relative_grad_error(model, reference) <= 1e-4
+        assert worst_relative_grad_error(model, reference) <= 1e-4
     if checkpointing:  # the layers really ran again in backward
         assert len(layer_calls) == 2 * len(GRAD_SEEDS)
 
@@ -72,7 +63,7 @@ def test_entropy_gradients_match_padded_batch():
     batch = random_grpo_batch(7, "left")
     completion_logprobs(model, *batch, return_entropy=True)[1].sum().backward()
     padded_completion_logprobs(reference, *batch)[1].sum().backward()
-    assert _worst_relative_grad_error(model, reference) <= 1e-4
+    assert worst_relative_grad_error(model, reference) <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
@@ -177,7 +168,7 @@ def test_all_zero_completion_rows_are_computed_and_ignored(family):
     assert (logps - ref_logps).abs().max() <= 1e-5 and (entropies - ref_entropies).abs().max() <= 1e-5
     (advantages * logps).sum().backward()
     (advantages * ref_logps).sum().backward()
-    assert _worst_relative_grad_error(model, reference) <= 1e-4
+    assert worst_relative_grad_error(model, reference) <= 1e-4
 
 
 def test_a_trl_shaped_batch_with_truncated_rows():
@@ -215,7 +206,7 @@ def test_gpt_oss_attention_sinks_are_exact_in_logprobs_and_gradients():
         assert (logps - ref_logps).abs().max() <= 1e-5
         (advantages * logps).sum().backward()
         (advantages * ref_logps).sum().backward()
-        assert _worst_relative_grad_error(model, reference) <= 1e-4
+        assert worst_relative_grad_error(model, reference) <= 1e-4
         sink_grads = [layer.self_attn.sinks.grad for layer in model.model.layers]
         assert all(g is not None and g.abs().max() > 0 for g in sink_grads)
 
@@ -252,7 +243,7 @@ def test_a_shared_preamble_computed_once_gives_the_padded_batch_logprobs_and_gra
     advantages = torch.randn(6, 1, generator=g)
     (advantages * logps).sum().backward()
     (advantages * ref).sum().backward()
-    assert _worst_relative_grad_error(model, reference) <= 1e-4
+    assert worst_relative_grad_error(model, reference) <= 1e-4
     two_level = completion_logprobs(model, *batch)
     assert (two_level - logps).abs().max() <= 1e-5
 

@@ -20,7 +20,6 @@ The built-in `calculator` (:class:`CalculatorEnvironment`): arithmetic questions
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import json
 import math
@@ -29,7 +28,7 @@ import re
 from typing import Any, Protocol
 
 from pg_deepspeed.grpo.prompts import check_prompt
-from pg_deepspeed.grpo.rewards import RewardFunctions
+from pg_deepspeed.grpo.rewards import RewardFunctions, import_named
 
 OBSERVATION_ROLES = ("tool", "user", "system")
 
@@ -54,11 +53,7 @@ def load_environment(spec: str) -> type:
         raise ValueError(f"{where}: expected a built-in name ({', '.join(sorted(BUILTIN_ENVIRONMENTS))}) or "
                          "'module:Class'")
     module_name, class_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or whatever the module raised while importing
-        raise ValueError(f"{where}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from None
-    cls = getattr(module, class_name, None)
+    cls = import_named(spec, where)
     if cls is None:
         raise ValueError(f"{where}: module {module_name!r} has no {class_name!r}")
     if not inspect.isclass(cls):

@@ -202,15 +202,22 @@ def resolve_reward_fn(spec: str | None, *, synthetic: bool, format_reward: float
     if ":" not in spec:
         raise ValueError(f"--reward_fn {spec!r}: expected one of {sorted([*BUILTIN, REASONING_GYM_REWARD])} or "
                          "'module:function'")
-    module_name, fn_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--reward_fn {spec!r}: cannot import module {module_name!r} ({e})") from e
-    fn = getattr(module, fn_name, None)
+    fn = import_named(spec, f"--reward_fn {spec!r}")
     if not callable(fn):
+        module_name, fn_name = spec.split(":", 1)
         raise ValueError(f"--reward_fn {spec!r}: module {module_name!r} has no callable {fn_name!r}")
     return fn
+
+
+def import_named(spec: str, where: str) -> object:
+    """What `module:name` names (a reward function, an environment class), or None when the module lacks it;
+    ValueError naming `where` when the module cannot be imported."""
+    module_name, name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raised while importing
+        raise ValueError(f"{where}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from None
+    return getattr(module, name, None)
 
 
 def reward_specs(value: str | Sequence[str] | None) -> list[str]:

@@ -9,8 +9,8 @@ conversations and the tree, side by side.
 
 The workload: each prompt's conversations form the tree --branching k1,k2,... samples: k1 first assistant turns,
 each followed by its observation, k2 continuations of each, and so on; every leaf is one conversation (G = k1·k2·...).
-Variants (one process, one model, rotating order after a warm-up), each log-probs + backward of every assistant and
-observation token after the prompt:
+Variants (one process, one model, rotating order after a warm-up), each log-probs + backward of the assistant
+tokens (the observations are context, as the trainer's `score_mask=loss_mask` makes them):
   per_turn   each assistant turn of each conversation as its own sample, the prompt and the whole history before it
              as its context, one call per conversation (how trainers that split a conversation into turns train it)
   standard   every conversation whole beside its own copy of the prompt (`prefix_grouping=False`), a call per prompt
@@ -71,7 +71,8 @@ def turn_length(p: Preset) -> int:
 
 def make_batch(p: Preset, vocab: int, seed: int = 0):
     """prompts [B, P]; conversations [B*G, turns * (assistant + observation)], the leaves of each prompt's sampling
-    tree in order (a turn shared by several leaves has the same tokens in each); masks all ones."""
+    tree in order (a turn shared by several leaves has the same tokens in each); masks all ones, and the assistant
+    tokens' mask [B*G, turns * (assistant + observation)]."""
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(0, vocab, (p.prompts, p.prompt), generator=g)
     rows = []
@@ -82,7 +83,8 @@ def make_batch(p: Preset, vocab: int, seed: int = 0):
                      for path in paths for _ in range(k)]
         rows += paths
     completion_ids = torch.stack(rows)
-    return prompt_ids, torch.ones_like(prompt_ids), completion_ids, torch.ones_like(completion_ids)
+    assistant = (torch.arange(completion_ids.shape[1]) % turn_length(p) < p.assistant).long().expand_as(completion_ids)
+    return prompt_ids, torch.ones_like(prompt_ids), completion_ids, torch.ones_like(completion_ids), assistant
 
 
 def forests(p: Preset) -> dict[str, tuple[list[int], list[int]]]:
@@ -114,9 +116,9 @@ def make_variants(model, batch, p: Preset):
     """name -> fn(backward: bool) -> log-probs [N, turns * T] (per_turn: None)."""
     from pg_deepspeed.models.logprobs import completion_logprobs
 
-    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    prompt_ids, prompt_mask, completion_ids, completion_mask, assistant = batch
     G, T, turns = math.prod(p.branching), turn_length(p), len(p.branching)
-    tokens = float(completion_mask.sum())
+    tokens = float(assistant.sum())
 
     def finish(logps, backward: bool):
         if backward:
@@ -126,7 +128,8 @@ def make_variants(model, batch, p: Preset):
     def per_prompt(**kwargs):
         return lambda backward: torch.cat([finish(completion_logprobs(
             model, prompt_ids[b:b + 1], prompt_mask[b:b + 1], completion_ids[b * G:(b + 1) * G],
-            completion_mask[b * G:(b + 1) * G], G, **kwargs), backward) for b in range(p.prompts)])
+            completion_mask[b * G:(b + 1) * G], G, score_mask=assistant[b * G:(b + 1) * G], **kwargs), backward)
+            for b in range(p.prompts)])
 
     def per_turn(backward: bool):
         for n in range(completion_ids.shape[0]):
@@ -141,7 +144,8 @@ def make_variants(model, batch, p: Preset):
         return None
 
     def whole(**kwargs):
-        return lambda backward: finish(completion_logprobs(model, *batch, G, **kwargs), backward)
+        return lambda backward: finish(completion_logprobs(model, *batch[:4], G, score_mask=assistant, **kwargs),
+                                       backward)
 
     return {"per_turn": per_turn, "standard": per_prompt(prefix_grouping=False), "flat": whole(),
             "tree": whole(share_completions=True)}
@@ -183,11 +187,10 @@ def run(preset: str, threads: int, memory: bool = True) -> list[dict]:
             if rep >= p.warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     turns, G = len(p.branching), math.prod(p.branching)
-    # LM-head rows: per_turn scores each turn's assistant tokens; standard and flat every token after the prompt of
-    # every conversation; the tree each distinct turn's tokens once
+    # LM-head rows: the assistant tokens of every conversation; the tree each distinct turn's once
     distinct = sum(math.prod(p.branching[:k + 1]) for k in range(turns))
-    scored = {"per_turn": p.prompts * G * turns * p.assistant, "standard": p.prompts * G * turns * turn_length(p),
-              "flat": p.prompts * G * turns * turn_length(p), "tree": p.prompts * distinct * turn_length(p)}
+    every = p.prompts * G * turns * p.assistant
+    scored = {"per_turn": every, "standard": every, "flat": every, "tree": p.prompts * distinct * p.assistant}
     work = {n: forest_flops(shape, *f, scored[n]) for n, f in forests(p).items()}
     tokens = {n: sum(f[1]) for n, f in forests(p).items()}
     peaks = {n: peak_memory(preset, n, threads) for n in VARIANTS} if memory else {n: math.nan for n in VARIANTS}

@@ -116,3 +116,27 @@ def test_prefix_tokens_saved_counts_every_member_even_one_whose_conversation_ano
     forwarded = 2 + len({(5,), (5, 6), (5, 6, 7), (5, 6, 8), (9,)})
     assert packing.layout.num_tokens == forwarded
     assert packing.prefix_tokens_saved == alone - forwarded
+
+
+def test_tokens_outside_the_score_mask_are_context_only_never_through_the_lm_head():
+    """A multi-turn batch scores the model's own tokens: observations are attended to, not scored (0 in the result),
+    and the scored ones keep each conversation's log-probs."""
+    model, reference = _pair("llama")
+    batch = random_tree_batch(4)
+    completion_mask = batch[3]
+    score_mask = completion_mask * (torch.arange(completion_mask.shape[1]) % 3 != 1).long()
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda _m, args, _o: head_rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        logps = completion_logprobs(model, *batch, share_completions=True, score_mask=score_mask)
+        expected = one_by_one_logprobs(reference, *batch)
+    assert (logps - expected * score_mask).abs().max() <= 1e-5
+    assert bool((logps[score_mask == 0] == 0).all())
+    scored = {(g, tuple(batch[2][n, :c + 1].tolist())) for n, g in enumerate(
+        torch.repeat_interleave(torch.arange(len(batch[4])), torch.tensor(batch[4])).tolist())
+        for c in range(batch[2].shape[1]) if score_mask[n, c]}
+    assert sum(head_rows) == len(scored)  # each distinct scored token of a group once
+    padded = (*batch[:2], torch.nn.functional.pad(batch[2], (0, 1)), torch.nn.functional.pad(completion_mask, (0, 1)),
+              batch[4])  # one column of padding, which a score mask must not mark
+    with pytest.raises(ValueError, match="score_mask .* must mark completion tokens only"):
+        completion_logprobs(model, *padded, score_mask=torch.ones_like(padded[3]))

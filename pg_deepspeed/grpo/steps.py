@@ -87,13 +87,14 @@ def shares_completions(grpo: GRPOArguments) -> bool:
 
 
 def sequence_logprobs(model, batch: Batch, grpo: GRPOArguments) -> torch.Tensor:
-    """[N, Lc] log-probs of the batch's completions, prefix-grouped (with a shared preamble once when the micro-batch
-    has one, and a multi-turn group's shared turns once) unless --no_prefix_grouping."""
+    """[N, Lc] log-probs of the batch's completions (a multi-turn batch's sampled tokens only: 0 on its observations),
+    prefix-grouped (with a shared preamble once when the micro-batch has one, and a multi-turn group's shared turns
+    once) unless --no_prefix_grouping."""
     return completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, grpo.num_generations,
         temperature=grpo.temperature, prefix_grouping=not grpo.no_prefix_grouping,
         preamble=shared_preamble(batch, grpo), chunk_size=grpo.logprob_chunk_size,
-        share_completions=shares_completions(grpo),
+        share_completions=shares_completions(grpo), score_mask=batch.loss_mask,  # observations: context only
     )
 
 

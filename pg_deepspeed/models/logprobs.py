@@ -286,6 +286,7 @@ def completion_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     preamble: int = 0,
     share_completions: bool = False,
+    score_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [N, Lc] (float32, 0 where `completion_mask` is 0) of the completion tokens.
 
@@ -309,8 +310,15 @@ def completion_logprobs(
     share_completions: also compute once what a group's completions begin with in common: the earlier turns of a
         multi-turn rollout sampled as a tree (`--branching`), found by comparing the completions, a tree at any
         depth. Ignored with `prefix_grouping=False`.
+    score_mask: [N, Lc], the completion tokens to score (default: `completion_mask`'s); the others are context only
+        (a multi-turn rollout's observations and template text): attended to, never through the LM head, 0 in the
+        result. Must lie within `completion_mask`.
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if score_mask is not None and (score_mask.shape != completion_mask.shape
+                                   or bool((score_mask.bool() & ~completion_mask.bool()).any())):
+        raise ValueError(f"score_mask {tuple(score_mask.shape)} must mark completion tokens only (within "
+                         f"completion_mask {tuple(completion_mask.shape)})")
     sizes = group_sizes(group_size, prompt_ids.shape[0], completion_ids.shape[0])
     _check_options(temperature, chunk_size)
     if isinstance(preamble, bool) or not isinstance(preamble, int) or preamble < 0:
@@ -324,16 +332,17 @@ def completion_logprobs(
         preamble, share_completions = 0, False
     packing = pack_completions(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, preamble,
                                share_completions)
-    targets, copies = packing.targets, None
+    # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
+    keep = (completion_mask if score_mask is None else score_mask).bool()
+    scored = keep[packing.rows, packing.cols]  # [Ts] which packed completion tokens go through the LM head
+    targets, rows, cols, copies = packing.targets[scored], packing.rows[scored], packing.cols[scored], None
     if share_completions:  # a shared turn's tokens go through the LM head once; each member reads its copy
         targets, copies = torch.unique(targets, return_inverse=True)
     logps, entropies = _token_logprobs(model, hf, packing.ids, packing.layout, targets, temperature,
                                        return_entropy, chunk_size)
     if copies is not None:
         logps, entropies = logps[copies], (entropies[copies] if return_entropy else None)
-    # the layout may hold tokens the loss mask drops (all-zero rows, see `from_masks`): 0 there, as TRL has it
-    keep = completion_mask.bool()
-    logps = packing.unpack(logps).where(keep, 0.0)
+    unpack = lambda x: x.new_zeros(completion_mask.shape).index_put((rows, cols), x)  # [N, Lc], differentiable
     if not return_entropy:
-        return logps
-    return logps, packing.unpack(entropies).where(keep, 0.0)
+        return unpack(logps)
+    return unpack(logps), unpack(entropies)

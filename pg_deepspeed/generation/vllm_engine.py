@@ -166,12 +166,14 @@ class VLLMEngine:
 
     model_dir: a directory with the model's config.json (:func:`vllm_model_dir`); dtype: "float32", "bfloat16" or
     "float16"; max_model_len: the longest prompt + completion; gpu_memory_utilization: the share of the device's
-    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's.
+    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's;
+    kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization leaves, or
+    on CPU `VLLM_CPU_KVCACHE_SPACE`).
     """
 
     def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False, logprobs: str = "raw_logprobs",
-                 seed: int = 0) -> None:
+                 seed: int = 0, kv_cache_memory_bytes: int | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, not a child
         from vllm import LLM
 
@@ -187,6 +189,7 @@ class VLLMEngine:
                 enable_prefix_caching=True, enforce_eager=enforce_eager, logprobs_mode=logprobs, seed=seed,
                 generation_config="vllm",  # the run's sampling options, never the model's generation_config.json
                 max_logprobs=0,
+                **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the trainer's
@@ -212,13 +215,14 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int | Sequence[int], *,
-                 max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int, seed: int,
+                 max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None, pad_id: int, seed: int,
                  logprobs: bool = True) -> Rollout:
         """prompt_ids/prompt_mask [B, Lp] left-padded -> G_b completions of prompt b, rows of a group consecutive,
         as :func:`pg_deepspeed.generation.sampling.generate` returns them (right-padded with pad_id, EOS inside the
         mask), plus `logprobs` [N, Lc] float32: the engine's log-prob of each sampled token (0 at padding).
 
-        Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id. Prompt b's G samples
+        Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id (None: no stop token,
+        every completion makes max_new_tokens, as the rollout benchmark wants). Prompt b's G samples
         use the seeds seed + b·G + j (vLLM seeds the j-th sample of a request with its seed + j), so the same seed
         and weights give the same completions."""
         from vllm import SamplingParams, TokensPrompt
@@ -229,7 +233,8 @@ class VLLMEngine:
                    zip(prompt_ids.cpu(), prompt_mask.cpu())]
         offsets = [sum(sizes[:b]) for b in range(B)]
         params = [SamplingParams(n=g, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[eos_id], seed=(seed + offset) % 2**62,
+                                 stop_token_ids=[] if eos_id is None else [eos_id], ignore_eos=eos_id is None,
+                                 seed=(seed + offset) % 2**62,
                                  logprobs=0 if logprobs else None, detokenize=False)
                   for g, offset in zip(sizes, offsets)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

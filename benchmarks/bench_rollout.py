@@ -133,19 +133,21 @@ def kv_bytes_per_token(shape_name: str, dtype: torch.dtype) -> int:
     return shape.layers * 2 * shape.kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
 
-def vllm_pool_bytes(args: argparse.Namespace, dtype: torch.dtype, block_size: int) -> int:
-    """The KV pool the vllm variant gets: --vllm-kv-mib, or B·G sequences of P + T tokens in whole blocks."""
+POOL_BLOCK = 128  # tokens: vLLM's KV block on CPU, a multiple of its usual 16 on GPUs
+
+
+def vllm_pool_bytes(args: argparse.Namespace, dtype: torch.dtype) -> int:
+    """The KV pool the vllm variant gets: --vllm-kv-mib, or B·G sequences of P + T tokens in whole blocks of
+    POOL_BLOCK tokens, and vLLM's null block: enough that it never waits for blocks, whatever it shares."""
     if args.vllm_kv_mib:
         return int(args.vllm_kv_mib * MiB)
-    blocks = args.batch * args.group_size * math.ceil((args.prompt_len + args.new_tokens) / block_size)
-    return (blocks + 1) * block_size * kv_bytes_per_token(args.shape, dtype)  # + vLLM's null block
+    blocks = args.batch * args.group_size * math.ceil((args.prompt_len + args.new_tokens) / POOL_BLOCK)
+    return (blocks + 1) * POOL_BLOCK * kv_bytes_per_token(args.shape, dtype)
 
 
 class VLLMVariant:
     """The trainer's engine on the benchmark's model: started from the shape's config, the model's weights loaded in
     place, and the most KV blocks in use at once recorded after every scheduler step."""
-
-    BLOCK_SIZE = {"cpu": 128, "cuda": 16}  # vLLM's default KV block size per platform (checked after start)
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> None:
         import torch.distributed as dist
@@ -160,7 +162,7 @@ class VLLMVariant:
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the pool's size on CPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         dtype = DTYPES[args.dtype]
-        self.pool_bytes = vllm_pool_bytes(args, dtype, self.BLOCK_SIZE[device.type])
+        self.pool_bytes = vllm_pool_bytes(args, dtype)
         self.engine = VLLMEngine(vllm_model_dir(model.config, args.shape), dtype=args.dtype,
                                  max_model_len=args.prompt_len + args.new_tokens,
                                  gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -356,8 +358,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="shared/repeat: prompt tokens per prefill forward, B prompts together (0 = whole); "
                    "stock prefills whole")
-    p.add_argument("--vllm-eager", action="store_true", default=None,
-                   help="vllm: enforce_eager (no torch.compile; starts in seconds, decodes slower)")
+    p.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vllm: enforce_eager (no torch.compile; starts in seconds, decodes slower; the smoke preset's default)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float)
     p.add_argument("--vllm-kv-mib", type=float, default=0.0,
                    help="vllm: its KV pool in MiB (0: the K/V of B·G·(P+T) tokens in whole blocks)")

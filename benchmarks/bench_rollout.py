@@ -233,8 +233,9 @@ def run_probe(args: argparse.Namespace, variant: str, B: int) -> dict:
            "--device", args.device, "--dtype", args.dtype, "--shape", args.shape, "--prompt-len", str(args.prompt_len),
            "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk),
-           "--vllm-gpu-memory-utilization", str(args.vllm_gpu_memory_utilization), "--vllm-kv-mib", str(args.vllm_kv_mib)]
-    cmd += ["--vllm-eager"] if args.vllm_eager else []
+           "--vllm-gpu-memory-utilization", str(args.vllm_gpu_memory_utilization),
+           "--vllm-kv-mib", str(args.vllm_kv_mib)]
+    cmd.append("--vllm-eager" if args.vllm_eager else "--no-vllm-eager")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if result.returncode != 0:
         raise RuntimeError(f"{variant} B={B} failed:\n{result.stderr[-3000:]}")
@@ -252,9 +253,9 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         for variant in args.variants:
             measured[variant] = run_probe(args, variant, B)
             m = measured[variant]
-            print(f"B={B} {variant}: peak {m['peak_bytes'] / MiB:.1f} MiB, times {[round(t, 3) for t in m['times']]} s, "
-                  f"CPU s / s {m['cpu_per_wall']:.2f}" + (f", engine start {m['start_s']:.1f} s" if variant == "vllm"
-                                                          else ""), flush=True)
+            start = f", engine start {m['start_s']:.1f} s" if variant == "vllm" else ""
+            print(f"B={B} {variant}: peak {m['peak_bytes'] / MiB:.1f} MiB, times {[round(t, 3) for t in m['times']]} "
+                  f"s, CPU s / s {m['cpu_per_wall']:.2f}{start}", flush=True)
         tokens = B * args.group_size * args.new_tokens
         median = {v: statistics.median(m["times"]) for v, m in measured.items()}
         for v, m in measured.items():
@@ -359,7 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shared/repeat: prompt tokens per prefill forward, B prompts together (0 = whole); "
                    "stock prefills whole")
     p.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="vllm: enforce_eager (no torch.compile; starts in seconds, decodes slower; the smoke preset's default)")
+                   help="vllm: enforce_eager (no torch.compile; starts in seconds, decodes slower; the smoke "
+                   "preset's default)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float)
     p.add_argument("--vllm-kv-mib", type=float, default=0.0,
                    help="vllm: its KV pool in MiB (0: the K/V of B·G·(P+T) tokens in whole blocks)")

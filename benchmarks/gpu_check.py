@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     report = ["# GPU check (`make gpu-check`)", "", "## Machine and backends", "", *machine(), "",
               "## Conformance (tests marked `cuda`)", "", *tests, ""]
     if not args.no_bench:
-        report += ["## Benchmarks (GPU presets of benchmarks/bench_logprobs.py and bench_rollout.py)", "", *benchmarks(args.out, args.report.parent)]
+        report += ["## Benchmarks (GPU presets of benchmarks/bench_logprobs.py and bench_rollout.py)", "",
+                   *benchmarks(args.out, args.report.parent)]
     args.report.write_text("\n".join(report) + "\n")
     print(f"wrote {args.report}")
     return 0 if passed else 1

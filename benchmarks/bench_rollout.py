@@ -35,12 +35,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
-import math
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

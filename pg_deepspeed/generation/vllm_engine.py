@@ -73,11 +73,13 @@ def unsplit_prefill_options(max_model_len: int) -> dict:
 
 
 def sleep_mode_available() -> bool:
-    """Whether vLLM has a sleep mode on this machine's platform (CUDA, ROCm, XPU; not its CPU build, whose worker's
-    `sleep` and `wake_up` only log a warning: vllm 0.32 `v1/worker/cpu_worker.py`). Imports vLLM."""
+    """Whether :meth:`VLLMEngine.sleep` can run here: vLLM has a sleep mode on this platform and torch.cuda reads
+    its memory (CUDA, ROCm). Not on vLLM's CPU build, whose worker's `sleep` and `wake_up` only log a warning (vllm
+    0.32 `v1/worker/cpu_worker.py`); vLLM's XPU sleep mode is not offered (the freed memory is read through
+    torch.cuda). Imports vLLM."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_sleep_mode_available()
+    return current_platform.is_sleep_mode_available() and current_platform.is_cuda_alike()
 
 
 def causal_lm_architecture(config) -> str:

@@ -136,7 +136,7 @@ class GRPOArguments:
         default="auto",
         metadata={"help": "--rollout_engine vllm: put the engine to sleep after each rollout (vLLM's sleep mode, level "
                   "2: its KV cache and weights released for the update) and wake it for the next weight sync: on, "
-                  "off, or auto (on where vLLM has a sleep mode: CUDA; off on CPU, where on is refused). The memory "
+                  "off, or auto (on for CUDA or ROCm GPUs; off elsewhere, where on is refused). The memory "
                   "freed is logged as vllm_sleep_freed_bytes."},
     )
     vllm_enforce_eager: bool = field(

@@ -83,8 +83,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         except ValueError as error:
             raise ValueError(f"--rollout_engine vllm: {error}; use --rollout_engine hf") from None
         if grpo.vllm_sleep == "on" and not sleep_mode_available():
-            raise ValueError("--vllm_sleep on: vLLM has no sleep mode on this platform (its CPU build's sleep and "
-                             "wake only log a warning); use --vllm_sleep auto or off")
+            raise ValueError("--vllm_sleep on: the engine sleeps on CUDA (or ROCm) GPUs only, and this platform is "
+                             "not one (vLLM's CPU build has no sleep mode); use --vllm_sleep auto or off")
     rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
                               task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,

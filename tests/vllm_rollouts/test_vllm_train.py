@@ -197,7 +197,8 @@ def test_a_model_vllm_does_not_serve_is_refused(tmp_path):
 def test_sleep_mode_asked_for_on_cpu_is_refused(tmp_path):
     """vLLM's CPU build has no sleep mode (its platform says so; its worker's sleep and wake only log a warning)."""
     err = train_fails_with(tmp_path, "--vllm_sleep", "on")
-    assert "--vllm_sleep on: vLLM has no sleep mode on this platform" in err and "use --vllm_sleep auto or off" in err
+    assert "--vllm_sleep on: the engine sleeps on CUDA (or ROCm) GPUs only" in err
+    assert "use --vllm_sleep auto or off" in err
 
 
 def test_an_unknown_sleep_setting_is_refused(tmp_path):

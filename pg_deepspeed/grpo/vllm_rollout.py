@@ -69,9 +69,10 @@ class VLLMRollout:
         self.synced_version: int | None = None
 
     def refresh(self, policy) -> dict:
-        """Sync the engine when the policy has taken an optimizer step since the last sync (or never was synced);
+        """Sync the engine when the policy has taken an optimizer step since the last sync, or never was synced, or
+        the engine slept since (level 2 discarded its weights: it wakes them, syncs, then wakes its KV cache);
         returns the sync's metrics ({} when nothing was sent). Collective: every rank's policy has the same step
-        count, so every rank syncs or none does."""
+        count and every rank's engine sleeps or none does, so every rank syncs or none does."""
         version = int(getattr(policy, "global_steps", 0))
         if self.asleep:  # level 2 discarded the weights: wake them, sync all of them, then the KV cache
             self.engine.wake_up(["weights"])

@@ -9,7 +9,9 @@
 3. Runs the `cuda`-marked tests (tests/test_gpu_conformance.py: every runnable backend against `cpu`,
    outputs and gradients), recording each measured error.
 4. Runs the GPU benchmark presets of benchmarks/bench_logprobs.py: `gpu` (any GPU with 24 GB) and, on a
-   GPU with at least 70 GiB, `h100` (the H100 targets of docs/performance.md).
+   GPU with at least 70 GiB, `h100` (the H100 targets of docs/performance.md); there also the rollout benchmark's
+   `h100` preset (benchmarks/bench_rollout.py: shared cache, repeated cache, stock generate and, when vLLM is
+   installed, the colocated vLLM engine).
 5. Writes docs/gpu-check.md: all of the above, for docs/performance.md's GPU section. Exits 1 if a test failed.
 """
 from __future__ import annotations
@@ -91,24 +93,28 @@ def conformance(out: Path) -> tuple[list[str], bool]:
 
 
 def benchmarks(out: Path, report_dir: Path) -> list[str]:
-    """Run the GPU presets of bench_logprobs; markdown lines with each preset's table."""
+    """Run the GPU presets of bench_logprobs (and bench_rollout's h100 on a large GPU); markdown lines with each
+    preset's table."""
     presets = ["gpu"]
     if torch.cuda.get_device_properties(0).total_memory / 2**30 >= H100_PRESET_MIN_GIB:
         presets.append("h100")
+    runs = [("bench_logprobs", preset) for preset in presets]
+    if "h100" in presets:
+        runs.append(("bench_rollout", "h100"))
     lines = []
-    for preset in presets:
-        target = out / preset
-        cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--preset", preset, "--out", str(target)]
+    for bench, preset in runs:
+        target = out / preset if bench == "bench_logprobs" else out / f"rollout_{preset}"
+        cmd = [sys.executable, "-m", f"benchmarks.{bench}", "--preset", preset, "--out", str(target)]
         code = subprocess.run(cmd, cwd=REPO).returncode
-        table = target / "bench_logprobs.md"
-        lines += [f"### preset `{preset}`", ""]
+        table = target / f"{bench}.md"
+        lines += [f"### `{bench}` preset `{preset}`", ""]
         if code != 0 or not table.exists():
             lines += [f"`{' '.join(cmd[2:])}` failed with exit code {code}; no figures.", ""]
             continue
         body = table.read_text().splitlines()
         lines += ["```", *[line for line in body if not line.startswith("|")], "```", "",
                   *[line for line in body if line.startswith("|")], "",
-                  f"![speedup]({os.path.relpath(target / 'bench_logprobs.png', report_dir)})", ""]
+                  f"![{bench}]({os.path.relpath(target / f'{bench}.png', report_dir)})", ""]
     return lines
 
 
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     report = ["# GPU check (`make gpu-check`)", "", "## Machine and backends", "", *machine(), "",
               "## Conformance (tests marked `cuda`)", "", *tests, ""]
     if not args.no_bench:
-        report += ["## Benchmarks (benchmarks/bench_logprobs.py GPU presets)", "", *benchmarks(args.out, args.report.parent)]
+        report += ["## Benchmarks (GPU presets of benchmarks/bench_logprobs.py and bench_rollout.py)", "",
+                   *benchmarks(args.out, args.report.parent)]
     args.report.write_text("\n".join(report) + "\n")
     print(f"wrote {args.report}")
     return 0 if passed else 1

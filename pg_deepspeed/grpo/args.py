@@ -132,6 +132,13 @@ class GRPOArguments:
                   "weights and KV cache (on CPU, of the CPU memory; VLLM_CPU_KVCACHE_SPACE=<GiB> sizes the KV cache "
                   "instead)."},
     )
+    vllm_sleep: str = field(
+        default="auto",
+        metadata={"help": "--rollout_engine vllm: put the engine to sleep after each rollout (vLLM's sleep mode, level "
+                  "2: its KV cache and weights released for the update) and wake it for the next weight sync: on, "
+                  "off, or auto (on for CUDA or ROCm GPUs; off elsewhere, where on is refused). The memory "
+                  "freed is logged as vllm_sleep_freed_bytes."},
+    )
     vllm_enforce_eager: bool = field(
         default=False,
         metadata={"help": "--rollout_engine vllm: no torch.compile or graphs (starts in seconds, decodes slower)."},

@@ -16,7 +16,7 @@ from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
 from pg_deepspeed.distributed.sequence_parallel import gradient_scale
 from pg_deepspeed.generation.sampling import CACHE_MODES, DEFAULT_PREFILL_CHUNK
-from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, vllm_missing
+from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, sleep_mode_available, vllm_missing
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
@@ -96,6 +96,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
             check_vllm_model(config)
         except ValueError as error:
             raise ValueError(f"--rollout_engine vllm: {error}; use --rollout_engine hf") from None
+        if grpo.vllm_sleep == "on" and not sleep_mode_available():
+            raise ValueError("--vllm_sleep on: the engine sleeps on CUDA (or ROCm) GPUs only, and this platform is "
+                             "not one (vLLM's CPU build has no sleep mode); use --vllm_sleep auto or off")
     rewards = resolve_rewards(grpo.reward_fn, grpo.reward_weights, synthetic=data_args.dataset is None,
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
                               task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,
@@ -254,6 +257,7 @@ def check_eval_lengths(prompt_format: PromptFormat, eval_set: EvalSet, config, m
 
 
 ROLLOUT_ENGINES = ("hf", "vllm")
+VLLM_SLEEP = ("auto", "on", "off")
 
 
 def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -272,6 +276,8 @@ def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
     if train.sequence_parallel_size > 1:
         raise ValueError(f"--rollout_engine vllm with --sequence_parallel_size {train.sequence_parallel_size}: the "
                          "engine serves data-parallel ranks only; use --rollout_engine hf")
+    if grpo.vllm_sleep not in VLLM_SLEEP:
+        raise ValueError(f"--vllm_sleep must be one of {VLLM_SLEEP}, got {grpo.vllm_sleep!r}")
     if grpo.vllm_tensor_parallel_size != 1:
         raise ValueError(f"--vllm_tensor_parallel_size {grpo.vllm_tensor_parallel_size}: only 1 (one engine per "
                          "rank) is implemented")

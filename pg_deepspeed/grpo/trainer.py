@@ -79,6 +79,7 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             logger.close()
             return checkpointer.stop(step - 1, rng_state=at_boundary, during=f" during the rollout of step {step}")
         t_rollout = time.perf_counter() - t0 - t_sync
+        slept = vllm.sleep() if vllm is not None else {}  # its device memory to the update (--vllm_sleep)
         fill_fixed_logprobs(batch, policy, reference, grpo, train)
         fresh = {} if vllm is None else vllm.check_fresh(batch.old_logps, batch.rollout_logps, batch.trained_mask,
                                                          f"step {step}")
@@ -88,7 +89,7 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             fresh.update(importance)
         stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
-                   "rollout_peak_mem_bytes": float(rollout_peak.bytes), **synced}
+                   "rollout_peak_mem_bytes": float(rollout_peak.bytes), **synced, **slept}
         logger.log({"step": step, **step_metrics(batch, stats, timings, setup), **fresh,
                     **evaluation_at(step, setup, policy, rank, device, vllm), "lr": policy.get_lr()[0],
                     "world_size": dims.world, "sequence_parallel_size": dims.sp, "node_ranks": nodes})
@@ -198,5 +199,7 @@ def step_metrics(batch: Batch, stats: dict, timings: dict, setup: TrainingSetup)
         "rollout_cache_bytes": int(mean["rollout_cache_bytes"]),
         # --rollout_engine vllm: the weight sync before the rollout (vllm_sync.py), means over ranks
         **{k: mean[k] for k in ("weight_sync_time_s", "weight_sync_peak_mem_bytes", "weight_sync_bytes") if k in mean},
-        **{k: mean[k] for k in (batch.rollout_metrics or {})},
+        # --vllm_sleep: device memory the sleeping engine released for the update, mean over ranks
+        **({"vllm_sleep_freed_bytes": int(mean["vllm_sleep_freed_bytes"])} if "vllm_sleep_freed_bytes" in mean else {}),
+        **{k: mean[k] for k in (batch.rollout_metrics or {})},  # multi-turn: turns_mean, tool_calls_mean
     }

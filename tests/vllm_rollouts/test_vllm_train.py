@@ -192,3 +192,14 @@ def test_a_model_vllm_does_not_serve_is_refused(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(saved))
     err = train_fails_with(tmp_path, "--model", str(model_dir), "--prompt_length", "48", "--max_new_tokens", "3")
     assert "--rollout_engine vllm: vLLM does not serve the model's architecture 'NotServedForCausalLM'" in err
+
+
+def test_sleep_mode_asked_for_on_cpu_is_refused(tmp_path):
+    """vLLM's CPU build has no sleep mode (its platform says so; its worker's sleep and wake only log a warning)."""
+    err = train_fails_with(tmp_path, "--vllm_sleep", "on")
+    assert "--vllm_sleep on: the engine sleeps on CUDA (or ROCm) GPUs only" in err
+    assert "use --vllm_sleep auto or off" in err
+
+
+def test_an_unknown_sleep_setting_is_refused(tmp_path):
+    assert "--vllm_sleep must be one of ('auto', 'on', 'off')" in train_fails_with(tmp_path, "--vllm_sleep", "yes")

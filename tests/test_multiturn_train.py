@@ -72,7 +72,12 @@ def test_three_steps_on_a_user_environment_train_the_tree_and_log_turns_and_shar
 @pytest.mark.distributed
 def test_three_steps_on_the_built_in_calculator_environment(model_dir, tmp_path):
     rows = train(model_dir, tmp_path / "run", "--environment", "calculator", "--task", "reasoning_gym:basic_arithmetic",
-                 "--advantage_level", "node")
+                 "--advantage_level", "node", "--eval_examples", "6", "--eval_steps", "2")
+    evaluations = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 3]  # before the first step, every 2, at the end
+    for r in evaluations:  # one conversation per held-out example, greedy and sampled, scored by the environment
+        assert 0.0 <= r["eval/accuracy"] <= 1.0 and "eval/reward/environment" in r and "eval/reward_mean" in r
+    rows = [r for r in rows if "reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert 1.0 <= r["turns_mean"] <= 3.0 and r["tool_calls_mean"] >= 0.0 and r["prefix_tokens_saved"] > 0

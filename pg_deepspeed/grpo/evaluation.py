@@ -58,9 +58,11 @@ def held_out(data: DataArguments, source: PromptSource, seed: int) -> tuple[Prom
 
 def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: RewardFunctions, grpo: GRPOArguments,
              train: TrainArguments, dims: ParallelDims, rank: int, device: torch.device, step: int,
-             vllm=None) -> dict:
+             vllm=None, conversations=None) -> dict:
     """{"eval/accuracy", "eval/reward_mean"} over the whole held-out set, the same on every rank. Collective.
-    vllm: the run's VLLMRollout (--rollout_engine vllm), which then samples, or None."""
+    vllm: the run's VLLMRollout (--rollout_engine vllm), which then samples, or None. conversations: a multi-turn
+    run's `multiturn.Conversations` (--environment): each example is then one unbranched conversation with the
+    environment, scored by the run's rewards (the environment's among them)."""
     from pg_deepspeed.grpo.steps import sample  # the rollout's sampling, one piece of code
 
     replica, per = dims.replica(rank), train.per_device_eval_batch_size or train.prompts_per_device
@@ -73,17 +75,22 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
         chunk = mine[call * per:(call + 1) * per]
         real = len(chunk)
         chunk = chunk or eval_set.examples[:1]  # an idle call: the generate calls are collectives
-        prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in chunk], device)
+        prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in chunk], device) if conversations is None \
+            else (None, None)  # a conversation's prompt is what its environment's reset says
         prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
         columns = row_columns([e.columns for e in chunk], 1)
         # ints only: a str's hash differs between processes (PYTHONHASHSEED), an int tuple's does not
         seed = hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63
         generator = torch.Generator().manual_seed(seed)
         for temperature in (0.0, grpo.temperature):
-            out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims, vllm=vllm,
-                         seed=seed)
-            texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-            total, parts = rewards.score(prompts, texts, answers, columns)
+            if conversations is not None:
+                total, parts = conversations.score(policy, chunk, rewards, grpo, temperature, dims, device, generator,
+                                                   seed, vllm)
+            else:
+                out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims,
+                             vllm=vllm, seed=seed)
+                texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+                total, parts = rewards.score(prompts, texts, answers, columns)
             if temperature == 0.0:
                 correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
                 for name, part in zip(rewards.names, parts):

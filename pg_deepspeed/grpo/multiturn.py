@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -315,6 +315,26 @@ def assemble(groups: list[list[Conversation]], prompts: list[list[int]], first: 
                  loss_mask=loss_mask,
                  rollout_metrics={"turns_mean": sum(c.turns for c in rows) / len(rows),
                                   "tool_calls_mean": sum(c.tool_calls for c in rows) / len(rows)})
+
+
+@dataclass(frozen=True)
+class Conversations:
+    """What a multi-turn run (--environment) rolls out with: the environment class, the template rule, the limits."""
+
+    environment: type
+    turns: ChatTurns
+    options: MultiTurnOptions
+
+    def score(self, policy, examples: Sequence[Example], rewards: RewardFunctions, grpo: GRPOArguments,
+              temperature: float, dims: ParallelDims, device: torch.device, generator: torch.Generator, seed: int,
+              vllm: VLLMRollout | None = None) -> tuple[list[float], list[list[float]]]:
+        """One unbranched conversation per example at `temperature` (0: greedy), as the held-out evaluation scores
+        them -> (weighted rewards [n], each function's [K][n]). Collective, like multiturn_rollout."""
+        batch = multiturn_rollout(policy, self.turns, self.environment, examples, rewards,
+                                  replace(self.options, branching=(1,)),
+                                  replace(grpo, num_generations=1, temperature=temperature, advantage_level="sequence"),
+                                  dims, device, generator, seed, vllm=vllm)
+        return batch.rewards.tolist(), batch.reward_parts.T.tolist()
 
 
 def rollout_conversations(policy, turns: ChatTurns, environment: type, source: PromptSource,

@@ -26,7 +26,7 @@ from pg_deepspeed.grpo.environments import ENVIRONMENT_REWARD, load_environment,
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask, is_reasoning_gym
 from pg_deepspeed.grpo.loss import AGGREGATIONS
-from pg_deepspeed.grpo.multiturn import MultiTurnOptions, parse_branching
+from pg_deepspeed.grpo.multiturn import Conversations, MultiTurnOptions, parse_branching
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.tracking import check_report_to
 from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
@@ -53,6 +53,11 @@ class TrainingSetup:
     environment: type | None = None
     multiturn: MultiTurnOptions | None = None
     chat_turns: ChatTurns | None = None
+
+    @property
+    def conversations(self) -> Conversations | None:
+        """--environment: what the rollout and the evaluation converse with; None for single-turn runs."""
+        return None if self.environment is None else Conversations(self.environment, self.chat_turns, self.multiturn)
 
     def options(self) -> dict:
         """Every option of the run by name (a tracker's config)."""
@@ -82,14 +87,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     prompt_format = PromptFormat(tokenizer, data_args.system_prompt, use_chat_template=not data_args.no_chat_template)
     multiturn = check_multiturn(grpo, train)
     environment = load_environment(grpo.environment) if grpo.environment is not None else None
-    max_length = check_prompt_lengths(prompt_format, source, config,
-                                      grpo.max_new_tokens if multiturn is None else multiturn.max_completion_tokens)
+    after_prompt = grpo.max_new_tokens if multiturn is None else multiturn.max_completion_tokens  # tokens at most
+    max_length = check_prompt_lengths(prompt_format, source, config, after_prompt)
     source, eval_set = held_out(data_args, source, train.seed)
-    if eval_set is not None and environment is not None:
-        raise ValueError("--eval_examples/--eval_dataset with --environment: held-out evaluation of multi-turn "
-                         "conversations is not built yet; leave them unset")
     if eval_set is not None:
-        max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, grpo.max_new_tokens))
+        max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, after_prompt))
     check_patchable(config, max_length)
     if grpo.rollout_engine == "vllm":
         try:
@@ -103,13 +105,13 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
                               format_reward=grpo.format_reward, format_pattern=grpo.format_pattern,
                               task_scorer=source.score_answer if isinstance(source, ReasoningGymTask) else None,
                               task=source.name if data_args.dataset is None else "")
-    columns = tuple(getattr(source, "extra_columns", ()))
-    if environment is not None:  # the environment's reward (a column the rollout fills), with --reward_fn's if named
+    filled = ()  # columns the rollout fills in
+    if environment is not None:  # the environment's reward (such a column), with --reward_fn's if named
         rewards = with_environment(rewards if grpo.reward_fn else None)
-        columns += (ENVIRONMENT_REWARD,)
-    rewards.check_columns(columns, where=source.name)
+        filled = (ENVIRONMENT_REWARD,)
+    rewards.check_columns([*getattr(source, "extra_columns", ()), *filled], where=source.name)
     if eval_set is not None:
-        rewards.check_columns(list(eval_set.examples[0].columns), where=eval_set.name)
+        rewards.check_columns([*eval_set.examples[0].columns, *filled], where=eval_set.name)
     ds_config = load_ds_config(
         train.ds_config, micro_batch_size=train.prompts_per_device,
         gradient_accumulation_steps=train.gradient_accumulation_steps,

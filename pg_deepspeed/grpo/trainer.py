@@ -66,7 +66,8 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             return checkpointer.stop(0, done if done < train.sft_warmup_steps else None)
     if start.step == 0 and setup.eval_set is not None:  # the held-out score before any GRPO step
         logger.log({"step": 0, **evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, grpo, train,
-                                          dims, rank, device, step=0, vllm=vllm)})
+                                          dims, rank, device, step=0, vllm=vllm,
+                                          conversations=setup.conversations)})
 
     for step in range(start.step + 1, train.max_steps + 1):
         t0, at_boundary = time.perf_counter(), current_rng_state()
@@ -152,7 +153,7 @@ def evaluation_at(step: int, setup: TrainingSetup, policy, rank: int, device: to
     if setup.eval_set is None or not (last or (every and step % every == 0)):
         return {}
     return evaluate(policy, setup.prompt_format, setup.eval_set, setup.rewards, setup.grpo, setup.train, setup.dims,
-                    rank, device, step, vllm=vllm)
+                    rank, device, step, vllm=vllm, conversations=setup.conversations)
 
 
 def replica_samples(batch: Batch, dims: ParallelDims) -> list[dict]:

@@ -43,20 +43,9 @@ from pg_deepspeed.grpo.prompts import PromptFormat  # noqa: E402
 # ChatML over the character vocabulary: each message closed by the tokenizer's EOS, as ChatML closes with <|im_end|>
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-CALLS = {"sample": 0, "all_gather": 0}
+CALLS = {"sample": 0}
 
-
-def _counting(fn):
-    def call(*args, **kwargs):
-        CALLS["all_gather"] += 1
-        return fn(*args, **kwargs)
-    return call
-
-
-for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"):
-    if hasattr(dist, _name):  # before deepspeed binds them
-        setattr(dist, _name, _counting(getattr(dist, _name)))
-
+import gather_count  # noqa: E402  (before deepspeed)
 import deepspeed  # noqa: E402
 
 
@@ -129,17 +118,17 @@ def main() -> None:
     examples = [Example(f"{a}+{b}=", answer) for a, b in ((1, 2), (3, 4))]
     environment = StopsOrGoes if args.sp == 1 else SaysItsRank
     seed = dims.replica(rank)
-    CALLS["all_gather"] = 0
+    gather_count.COUNT[0] = 0
     with gathered_for_generation(engine, "full"):  # what gathering the model once costs
         pass
-    result = {"rank": rank, "one_gather": CALLS["all_gather"]}
+    result = {"rank": rank, "one_gather": gather_count.COUNT[0]}
     for gather in ("per_layer", "full"):
-        CALLS["sample"] = CALLS["all_gather"] = 0
+        CALLS["sample"] = gather_count.COUNT[0] = 0
         grpo = GRPOArguments(num_generations=2, max_new_tokens=24, rollout_gather=gather, rollout_prefill_chunk=0)
         batch = multiturn.multiturn_rollout(engine, ChatTurns(PromptFormat(tokenizer)), environment, examples,
                                             with_environment(None), options, grpo, dims, torch.device("cpu"),
                                             torch.Generator().manual_seed(seed), seed)
-        result[gather] = {"calls": CALLS["sample"], "all_gathers": CALLS["all_gather"], "turns": [s["turns"] for s in batch.samples],
+        result[gather] = {"calls": CALLS["sample"], "all_gathers": gather_count.COUNT[0], "turns": [s["turns"] for s in batch.samples],
                           "ended": [s["ended"] for s in batch.samples], "rows": batch.completion_ids.shape[0],
                           "rewards": batch.rewards.tolist(), "completion_ids": batch.completion_ids.tolist(),
                           "messages": [s["messages"] for s in batch.samples]}

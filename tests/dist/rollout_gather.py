@@ -17,19 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-COUNTS = {"all_gather": 0}
-
-
-def _counting(fn):
-    def call(*args, **kwargs):
-        COUNTS["all_gather"] += 1
-        return fn(*args, **kwargs)
-    return call
-
-
-for _name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"):
-    if hasattr(dist, _name):  # before deepspeed binds them
-        setattr(dist, _name, _counting(getattr(dist, _name)))
+import gather_count  # noqa: E402  (before deepspeed)
 
 import deepspeed  # noqa: E402
 
@@ -57,12 +45,12 @@ def rollout(engine, gather: str, cache: str, steps: int, rank: int, prefill_chun
     ids, mask = prompts(rank)
     engine.module.eval()
     with gathered_for_generation(engine, gather):
-        COUNTS["all_gather"] = 0  # those of the decode loop only (entering "full" gathers the model once)
+        gather_count.COUNT[0] = 0  # those of the decode loop only (entering "full" gathers the model once)
         out = generate(engine.module, ids, mask, 3, max_new_tokens=steps, temperature=1.0, top_p=1.0, eos_id=-1,
                        pad_id=0, generator=torch.Generator().manual_seed(SEED + 7 * rank), cache=cache,
                        prefill_chunk=prefill_chunk)
     engine.module.train()
-    return out.completion_ids.tolist(), COUNTS["all_gather"]
+    return out.completion_ids.tolist(), gather_count.COUNT[0]
 
 
 def train_step(engine, rank: int) -> None:

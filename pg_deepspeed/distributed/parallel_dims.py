@@ -1,8 +1,15 @@
 """How a run's ranks divide: `dp` data-parallel replicas of `sp` sequence-parallel ranks each (world = dp × sp)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
+
+
+def ranks_per_node(default: int) -> int:
+    """The ranks on this rank's node, as its launcher says: torchrun's LOCAL_WORLD_SIZE or the DeepSpeed launcher's
+    LOCAL_SIZE (`default` when neither is set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or default)
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,9 @@ class VLLMRollout:
         )
         self.weights = WeightSync(self.engine, device)
         if dist.get_rank() == 0:
-            print(f"[pg_deepspeed] vLLM engine started in {self.engine.start_time_s:.1f} s on every rank "
-                  f"(enforce_eager={grpo.vllm_enforce_eager}, sleep mode {'on' if self.sleeps else 'off'})",
+            print(f"[pg_deepspeed] vLLM engines started in {self.engine.start_time_s:.1f} s, one per "
+                  f"{grpo.vllm_tensor_parallel_size} rank(s) (tensor parallel size {grpo.vllm_tensor_parallel_size}, "
+                  f"enforce_eager={grpo.vllm_enforce_eager}, sleep mode {'on' if self.sleeps else 'off'})",
                   flush=True)
         self.synced_version: int | None = None
 

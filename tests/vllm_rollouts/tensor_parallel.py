@@ -8,7 +8,8 @@ A tiny Qwen2 (float32, tied embeddings, 4 query and 2 key/value heads) is built 
 streamed into the engine. The ranks hold different numbers of prompts of different lengths: rank 0 three, rank 1
 one; then a second call in which rank 1 holds none. Each rank records its completions, the engine's log-probs, their
 largest difference from the trainer's log-probs of the same tokens (completion_logprobs on the rank's own prompts),
-and the query and key/value heads the engine's first attention layer holds on this rank (its shard)."""
+the query and key/value heads the engine's first attention layer holds on this rank (its shard), and the shared
+memory names the engine removed once its ranks had mapped them."""
 import argparse
 import json
 import os
@@ -74,7 +75,8 @@ def main() -> None:
                       "completion_mask": out.completion_mask.tolist(), "logprobs": out.logprobs.tolist(),
                       "max_diff": diff})
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump({"heads": [attention.num_heads, attention.num_kv_heads], "calls": calls}, f)
+        json.dump({"heads": [attention.num_heads, attention.num_kv_heads], "calls": calls,
+                   "unlinked": engine.unlinked_shared_memory}, f)
 
 
 if __name__ == "__main__":

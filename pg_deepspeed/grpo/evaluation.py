@@ -63,7 +63,7 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
     vllm: the run's VLLMRollout (--rollout_engine vllm), which then samples, or None. conversations: a multi-turn
     run's `multiturn.Conversations` (--environment): each example is then one unbranched conversation with the
     environment, scored by the run's rewards (the environment's among them)."""
-    from pg_deepspeed.grpo.steps import sample  # the rollout's sampling, one piece of code
+    from pg_deepspeed.grpo.steps import gathered_once, sample  # the rollout's sampling, one piece of code
 
     replica, per = dims.replica(rank), train.per_device_eval_batch_size or train.prompts_per_device
     mine = eval_set.examples[replica::dims.dp]
@@ -71,32 +71,34 @@ def evaluate(policy, prompt_format: PromptFormat, eval_set: EvalSet, rewards: Re
     tokenizer = prompt_format.tokenizer
     correct, reward_sum = 0.0, 0.0
     greedy_sums = dict.fromkeys(rewards.names, 0.0)  # each function's greedy mean: which part of the task is learnt
-    for call in range(calls):
-        chunk = mine[call * per:(call + 1) * per]
-        real = len(chunk)
-        chunk = chunk or eval_set.examples[:1]  # an idle call: the generate calls are collectives
-        prompt_ids, prompt_mask = prompt_format.batch([e.prompt for e in chunk], device) if conversations is None \
-            else (None, None)  # a conversation's prompt is what its environment's reset says
-        prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
-        columns = row_columns([e.columns for e in chunk], 1)
-        # ints only: a str's hash differs between processes (PYTHONHASHSEED), an int tuple's does not
-        seed = hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63
-        generator = torch.Generator().manual_seed(seed)
-        for temperature in (0.0, grpo.temperature):
-            if conversations is not None:
-                total, parts = conversations.score(policy, chunk, rewards, grpo, temperature, dims, device, generator,
-                                                   seed, vllm)
-            else:
-                out = sample(policy, prompt_ids, prompt_mask, 1, grpo, tokenizer, generator, temperature, dims,
-                             vllm=vllm, seed=seed)
-                texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-                total, parts = rewards.score(prompts, texts, answers, columns)
-            if temperature == 0.0:
-                correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
-                for name, part in zip(rewards.names, parts):
-                    greedy_sums[name] += math.fsum(part[:real])
-            else:
-                reward_sum += math.fsum(total[:real])
+    with gathered_once(policy, grpo, vllm) as inner:  # the weights gathered once, not twice per batch
+        for call in range(calls):
+            chunk = mine[call * per:(call + 1) * per]
+            real = len(chunk)
+            chunk = chunk or eval_set.examples[:1]  # an idle call: the generate calls are collectives
+            # a conversation's prompt is what its environment's reset says
+            prompt_ids, prompt_mask = (prompt_format.batch([e.prompt for e in chunk], device)
+                                       if conversations is None else (None, None))
+            prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
+            columns = row_columns([e.columns for e in chunk], 1)
+            # ints only: a str's hash differs between processes (PYTHONHASHSEED), an int tuple's does not
+            seed = hash((train.seed, EVAL_OFFSET, step, replica, call)) % 2**63
+            generator = torch.Generator().manual_seed(seed)
+            for temperature in (0.0, grpo.temperature):
+                if conversations is not None:
+                    total, parts = conversations.score(policy, chunk, rewards, inner, temperature, dims, device,
+                                                       generator, seed, vllm)
+                else:
+                    out = sample(policy, prompt_ids, prompt_mask, 1, inner, tokenizer, generator, temperature, dims,
+                                 vllm=vllm, seed=seed)
+                    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+                    total, parts = rewards.score(prompts, texts, answers, columns)
+                if temperature == 0.0:
+                    correct += sum(rewards.accuracy([[part[i]] for part in parts]) for i in range(real))
+                    for name, part in zip(rewards.names, parts):
+                        greedy_sums[name] += math.fsum(part[:real])
+                else:
+                    reward_sum += math.fsum(total[:real])
     # one copy per replica: the other ranks of a sequence-parallel group hold the same examples (ratios of the means
     # over ranks are ratios of the sums)
     mine_count = 0.0 if rank % dims.sp else float(len(mine))

@@ -18,7 +18,6 @@ leaf below it: its row is repeated prod(branching[turns:]) times.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -28,14 +27,13 @@ import torch.distributed as dist
 
 from pg_deepspeed.collectives import any_rank
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
-from pg_deepspeed.distributed.rollout_weights import gathered_for_generation
 from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments
 from pg_deepspeed.grpo.chat_turns import ChatTurns
 from pg_deepspeed.grpo.data import Example, PromptSource, batch_indices
 from pg_deepspeed.grpo.environments import ENVIRONMENT_REWARD, checked_reset, checked_step
 from pg_deepspeed.grpo.preemption import PreemptionGuard
 from pg_deepspeed.grpo.rewards import RewardFunctions
-from pg_deepspeed.grpo.steps import Batch, advantages_of, sample
+from pg_deepspeed.grpo.steps import Batch, advantages_of, gathered_once, sample
 from pg_deepspeed.grpo.vllm_rollout import VLLMRollout
 
 
@@ -187,12 +185,9 @@ def multiturn_rollout(policy, turns: ChatTurns, environment: type, examples: Seq
         prompts.append(turns.prompt_ids(messages))
         first.append(messages)
         groups.append([Conversation(b, (), env, [dict(m) for m in messages])])
-    # the built-in engine under --rollout_gather full: the weights gathered once for all turns, not once per turn
-    once = vllm is None and grpo.rollout_gather == "full"
-    with gathered_for_generation(policy, "full" if once else "per_layer"):
-        cache_bytes, with_logps = turn_loop(policy, turns, groups, prompts, options,
-                                            dataclasses.replace(grpo, rollout_gather="per_layer") if once else grpo,
-                                            dims, device, generator, seed, guard, vllm)
+    with gathered_once(policy, grpo, vllm) as inner:  # the weights gathered once for all turns, not once per turn
+        cache_bytes, with_logps = turn_loop(policy, turns, groups, prompts, options, inner, dims, device, generator,
+                                            seed, guard, vllm)
     return assemble(groups, prompts, first, examples, turns, rewards, options, grpo, device, cache_bytes, with_logps)
 
 

@@ -12,11 +12,12 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pg_deepspeed.attention import check_backend_name
 from pg_deepspeed.distributed.ds_config import dtype_name, load_ds_config
 from pg_deepspeed.distributed.engines import check_patchable, load_config, load_tokenizer
-from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.parallel_dims import ParallelDims, ranks_per_node
 from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
 from pg_deepspeed.distributed.sequence_parallel import gradient_scale
 from pg_deepspeed.generation.sampling import CACHE_MODES, DEFAULT_PREFILL_CHUNK
-from pg_deepspeed.generation.vllm_engine import check_vllm_model, logprobs_mode, sleep_mode_available, vllm_missing
+from pg_deepspeed.generation.vllm_engine import (check_tensor_parallel, check_vllm_model, logprobs_mode,
+                                                 sleep_mode_available, vllm_missing)
 from pg_deepspeed.grpo.advantages import ESTIMATORS
 from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP_STEPS, DataArguments, GRPOArguments,
                                     ModelArguments, TrainArguments)
@@ -98,6 +99,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
             check_vllm_model(config)
         except ValueError as error:
             raise ValueError(f"--rollout_engine vllm: {error}; use --rollout_engine hf") from None
+        try:
+            check_tensor_parallel(config, grpo.vllm_tensor_parallel_size, dims.world, ranks_per_node(dims.world))
+        except ValueError as error:
+            raise ValueError(f"--vllm_tensor_parallel_size {error}") from None
         if grpo.vllm_sleep == "on" and not sleep_mode_available():
             raise ValueError("--vllm_sleep on: the engine sleeps on CUDA (or ROCm) GPUs only, and this platform is "
                              "not one (vLLM's CPU build has no sleep mode); use --vllm_sleep auto or off")
@@ -280,9 +285,8 @@ def check_rollout_engine(grpo: GRPOArguments, train: TrainArguments) -> None:
                          "engine serves data-parallel ranks only; use --rollout_engine hf")
     if grpo.vllm_sleep not in VLLM_SLEEP:
         raise ValueError(f"--vllm_sleep must be one of {VLLM_SLEEP}, got {grpo.vllm_sleep!r}")
-    if grpo.vllm_tensor_parallel_size != 1:
-        raise ValueError(f"--vllm_tensor_parallel_size {grpo.vllm_tensor_parallel_size}: only 1 (one engine per "
-                         "rank) is implemented")
+    if not grpo.vllm_tensor_parallel_size >= 1:
+        raise ValueError(f"--vllm_tensor_parallel_size must be >= 1, got {grpo.vllm_tensor_parallel_size}")
     if not grpo.rollout_importance_cap >= 1.0:
         raise ValueError(f"--rollout_importance_cap must be >= 1, got {grpo.rollout_importance_cap}")
     if not 0.0 < grpo.vllm_gpu_memory_utilization <= 1.0:

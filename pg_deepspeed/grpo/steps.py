@@ -9,8 +9,9 @@ each; a step samples `prompts_per_device * gradient_accumulation_steps` prompts 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
 
 import torch
 
@@ -168,6 +169,17 @@ def advantages_of(rewards: torch.Tensor, completion_ids: torch.Tensor, completio
     if grpo.advantage_level == "node":
         return node_advantages(rewards, completion_ids, completion_mask, sizes)
     return group_advantages(rewards, sizes, grpo.advantage)
+
+
+@contextmanager
+def gathered_once(policy, grpo: GRPOArguments, vllm: VLLMRollout | None = None) -> Iterator[GRPOArguments]:
+    """Around several :func:`sample` calls (a multi-turn rollout's turns, an evaluation's batches): with the built-in
+    engine under --rollout_gather full the policy's weights are gathered once for all of them, where each call would
+    gather the whole model again; yields the options the calls take (per-layer inside, the weights being whole
+    already). Otherwise nothing is gathered here and the options are `grpo`. Collective under ZeRO-3."""
+    once = vllm is None and grpo.rollout_gather == "full"
+    with gathered_for_generation(policy, "full" if once else "per_layer"):
+        yield replace(grpo, rollout_gather="per_layer") if once else grpo
 
 
 def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, grpo: GRPOArguments, tokenizer,

@@ -19,7 +19,7 @@ from pg_deepspeed.distributed.checkpoint import current_rng_state
 from pg_deepspeed.distributed.ds_config import DTYPES, dtype_name
 from pg_deepspeed.distributed.engines import build_model, init_policy, init_reference
 from pg_deepspeed.distributed.export import export_hf
-from pg_deepspeed.distributed.parallel_dims import ParallelDims
+from pg_deepspeed.distributed.parallel_dims import ParallelDims, ranks_per_node
 from pg_deepspeed.distributed.peak_memory import PeakMemory
 from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
 from pg_deepspeed.grpo.checkpointer import Checkpointer
@@ -48,7 +48,7 @@ def run(setup: TrainingSetup) -> None:
 def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
     grpo, train, dims = setup.grpo, setup.train, setup.dims
     policy, reference = build_engines(setup)
-    vllm = VLLMRollout(setup, device) if grpo.rollout_engine == "vllm" else None
+    vllm = VLLMRollout.start(setup, device) if grpo.rollout_engine == "vllm" else None
     guard = PreemptionGuard()
     nonfinite = NonFiniteGuard(train.max_nonfinite_steps, fp16=dtype_name(setup.model_args.dtype) == "float16")
     checkpointer = Checkpointer(policy, train, rank, guard)
@@ -127,7 +127,7 @@ def init_ranks(setup: TrainingSetup) -> tuple[int, torch.device]:
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node share its cores; oversubscribed threads stall every collective
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node(1)))
     deepspeed.runtime.utils.set_random_seed(setup.train.seed)
     return dist.get_rank(), device
 

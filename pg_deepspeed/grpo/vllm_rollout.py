@@ -42,31 +42,38 @@ class StaleRolloutError(RuntimeError):
 
 
 class VLLMRollout:
-    """The engine of this rank, its weight sync and its freshness check.
+    """The engine of this rank, its weight sync and its freshness check; :meth:`start` builds one for a run.
 
-    setup: the run's TrainingSetup (model, dtype, the longest sequence, the sampling options); device: this rank's.
+    engine: the rank's :class:`VLLMEngine`; device: this rank's; grpo: the run's sampling options; bound: the
+    freshness bound (--max_rollout_logprob_diff, resolved); sleeps: whether the engine sleeps after each rollout.
     """
 
-    def __init__(self, setup, device: torch.device) -> None:
-        grpo, model_args = setup.grpo, setup.model_args
-        self.grpo = grpo
-        self.bound = grpo.max_rollout_logprob_diff
-        if self.bound is None:
-            self.bound = DEFAULT_MAX_LOGPROB_DIFF[dtype_name(model_args.dtype)]
-        self.sleeps = grpo.vllm_sleep == "on" or (grpo.vllm_sleep == "auto" and sleep_mode_available())
+    def __init__(self, engine: VLLMEngine, device: torch.device, grpo, bound: float, sleeps: bool) -> None:
+        self.engine, self.grpo, self.bound, self.sleeps = engine, grpo, bound, sleeps
+        self.weights = WeightSync(engine, device)
         self.asleep = False
-        self.engine = VLLMEngine(
+        self.synced_version: int | None = None
+
+    @classmethod
+    def start(cls, setup, device: torch.device) -> "VLLMRollout":
+        """The engine of this rank for the run `setup` (a TrainingSetup: model, dtype, the longest sequence, the
+        sampling and vLLM options), started. Collective (vLLM builds its groups over the ranks)."""
+        grpo, model_args = setup.grpo, setup.model_args
+        bound = grpo.max_rollout_logprob_diff
+        if bound is None:
+            bound = DEFAULT_MAX_LOGPROB_DIFF[dtype_name(model_args.dtype)]
+        sleeps = grpo.vllm_sleep == "on" or (grpo.vllm_sleep == "auto" and sleep_mode_available())
+        engine = VLLMEngine(
             vllm_model_dir(setup.config, model_args.model), dtype=dtype_name(model_args.dtype),
             max_model_len=setup.max_length, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
             tensor_parallel_size=grpo.vllm_tensor_parallel_size, enforce_eager=grpo.vllm_enforce_eager,
-            logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed, sleep=self.sleeps,
+            logprobs=logprobs_mode(grpo.temperature, grpo.top_p), seed=setup.train.seed, sleep=sleeps,
         )
-        self.weights = WeightSync(self.engine, device)
         if dist.get_rank() == 0:
-            print(f"[pg_deepspeed] vLLM engine started in {self.engine.start_time_s:.1f} s on every rank "
-                  f"(enforce_eager={grpo.vllm_enforce_eager}, sleep mode {'on' if self.sleeps else 'off'})",
-                  flush=True)
-        self.synced_version: int | None = None
+            print(f"[pg_deepspeed] vLLM engines started in {engine.start_time_s:.1f} s, one per "
+                  f"{grpo.vllm_tensor_parallel_size} rank(s) (tensor parallel size {grpo.vllm_tensor_parallel_size}, "
+                  f"enforce_eager={grpo.vllm_enforce_eager}, sleep mode {'on' if sleeps else 'off'})", flush=True)
+        return cls(engine, device, grpo, bound, sleeps)
 
     def refresh(self, policy) -> dict:
         """Sync the engine when the policy has taken an optimizer step since the last sync, or never was synced, or

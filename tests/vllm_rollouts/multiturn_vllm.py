@@ -58,7 +58,7 @@ def main() -> None:
     setup = SimpleNamespace(grpo=grpo, model_args=ModelArguments(model=args.model, dtype="float32"),
                             config=AutoConfig.from_pretrained(args.model), max_length=1024,
                             train=TrainArguments(ds_config="-", seed=0))
-    vllm = VLLMRollout(setup, torch.device("cpu"))
+    vllm = VLLMRollout.start(setup, torch.device("cpu"))
     examples = [Example("What is 2+3?", "5"), Example("What is 4+4?", "8")]
     batch = multiturn_rollout(policy, ChatTurns(PromptFormat(tokenizer)), AddThree, examples, with_environment(None),
                               options, grpo, ParallelDims(1), torch.device("cpu"), torch.Generator().manual_seed(0),

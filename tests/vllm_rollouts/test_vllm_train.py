@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def three_steps(tmp_path_factory):
 @pytest.mark.distributed
 def test_three_steps_sample_the_policy_being_trained(three_steps):
     out, stdout = three_steps
-    assert "[pg_deepspeed] vLLM engine started in" in stdout
+    assert "[pg_deepspeed] vLLM engines started in" in stdout and "tensor parallel size 1" in stdout
     metrics = rows(out)
     assert [r["step"] for r in metrics] == [0, 1, 2, 3]  # the held-out evaluation before the first step, then 3
     assert all(0 <= r["eval/accuracy"] <= 1 for r in (metrics[0], metrics[3]))  # greedy, sampled by the engine
@@ -115,6 +116,24 @@ def test_a_resumed_run_samples_what_the_uninterrupted_run_sampled(three_steps, t
 
 
 @pytest.mark.distributed
+def test_one_engine_over_both_ranks_samples_what_an_engine_per_rank_samples(three_steps, tmp_path):
+    """--vllm_tensor_parallel_size 2: the two ranks share one engine (half of each layer on each), which samples both
+    ranks' prompts. Step 1 (the initial weights, the same seeds) samples the per-rank engines' completions, and the
+    sharded engine stays fresh through the updates."""
+    per_rank, _ = three_steps
+    out = tmp_path / "run"
+    result = run_deepspeed("launch/train.py", *ARGS, *TIS, "--vllm_tensor_parallel_size", "2", "--max_steps", "2",
+                           "--eval_examples", "4", "--no_export", "--output_dir", str(out), env=ENV)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "tensor parallel size 2" in result.stdout
+    metrics = rows(out)
+    assert [r["step"] for r in metrics] == [0, 1, 2]
+    assert all(r["rollout_logprob_diff_mean"] < FP32_BOUND for r in metrics[1:]), metrics
+    assert [r["completion"] for r in completions(out, 1)] == [r["completion"] for r in completions(per_rank, 1)]
+    assert not list(Path("/dev/shm").glob("*-cpushm_*"))  # the trainer leaves with os._exit: nothing left behind
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_a_moe_model_syncs_its_experts(tmp_path, family):
     """A tiny MoE (4 experts, top 2) through the real sync: transformers 5 holds each layer's experts fused (and
@@ -162,8 +181,12 @@ def test_sequence_parallelism_is_refused_naming_the_fix(tmp_path):
     assert "--rollout_engine vllm with --sequence_parallel_size 2" in err and "use --rollout_engine hf" in err
 
 
-def test_tensor_parallel_engines_are_refused(tmp_path):
-    assert "--vllm_tensor_parallel_size 2: only 1" in train_fails_with(tmp_path, "--vllm_tensor_parallel_size", "2")
+def test_a_tensor_parallel_size_the_ranks_cannot_take_is_refused(tmp_path):
+    """One process: one rank (the rules themselves: tests/test_vllm_checks.py)."""
+    err = train_fails_with(tmp_path, "--vllm_tensor_parallel_size", "2")
+    assert "--vllm_tensor_parallel_size 2 does not divide the run's 1 ranks" in err
+    err = train_fails_with(tmp_path, "--vllm_tensor_parallel_size", "0")
+    assert "--vllm_tensor_parallel_size must be >= 1, got 0" in err
 
 
 def test_a_temperature_with_top_p_whose_log_probs_vllm_cannot_return_is_refused(tmp_path):

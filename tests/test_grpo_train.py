@@ -406,8 +406,7 @@ def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_on(tmp_path):
-    """Rank 1's loss is NaN at step 3. DeepSpeed's warm-up gives the first two steps lr 0, so step 3 is the first
-    whose lr (logged after step 2) would move the weights."""
+    """Rank 1's loss is NaN at step 3, whose lr (logged after step 2) would move the weights."""
     out = tmp_path / "run"
     result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "4",
                            "--output_dir", str(out), env={"NAN_STEPS": "3", "PYTHONPATH": DIST_ON_PATH})

@@ -112,6 +112,34 @@ def test_a_linear_warmup_of_w_steps_reaches_the_peak_at_step_w_then_decays_to_th
     assert used[9] == pytest.approx(0.1)
 
 
+def test_the_schedule_resumes_from_its_own_state_and_from_a_checkpoint_of_deepspeeds_warmup_cosine():
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    from pg_deepspeed.distributed.lr_schedule import WarmupCosine
+
+    def schedule(**kwargs):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return optimizer, WarmupCosine(optimizer, 2, 10, cos_min_ratio=0.1, **kwargs)
+
+    optimizer, run = schedule()
+    for _ in range(5):
+        optimizer.step()
+        run.step()
+    _, resumed = schedule()
+    resumed.load_state_dict(run.state_dict())
+    old_optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    old = WarmupCosineLR(old_optimizer, 10, warmup_num_steps=2, warmup_type="linear", cos_min_ratio=0.1)
+    for _ in range(5):
+        old_optimizer.step()
+        old.step()
+    _, from_old = schedule()
+    from_old.load_state_dict(old.state_dict())  # {"last_batch_iteration": 4}: what checkpoints held until now
+    assert resumed.last_epoch == from_old.last_epoch == run.last_epoch == 5
+    for scheduler in (run, resumed, from_old):
+        scheduler.step()
+    assert resumed.get_last_lr() == from_old.get_last_lr() == run.get_last_lr() == [pytest.approx(
+        0.1 + 0.9 * (1 + math.cos(math.pi * 5 / 8)) / 2)]  # the rate of step 7 (of 10, after 2 of warm-up)
+
+
 def test_a_scheduler_other_than_a_linear_warmup_cosine_is_left_to_deepspeed():
     from pg_deepspeed.distributed.lr_schedule import split_scheduler
 

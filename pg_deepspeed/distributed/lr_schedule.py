@@ -60,9 +60,26 @@ def split_scheduler(ds_config: dict):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"scheduler WarmupCosineLR: {name} must be a non-negative int, got {value!r}")
 
-    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        # LambdaLR's step count s starts at 0 and the optimizer step it sets the rate for is s + 1
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_ratio(
-            s + 1, warmup, total, params["warmup_min_ratio"], params["cos_min_ratio"]))
+    def build(optimizer: torch.optim.Optimizer) -> WarmupCosine:
+        return WarmupCosine(optimizer, warmup, total, params["warmup_min_ratio"], params["cos_min_ratio"])
 
     return config, build
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """:func:`warmup_cosine_ratio` of each param group's initial rate. LambdaLR's step count s starts at 0 and sets
+    the rate of optimizer step s + 1."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, total: int, warmup_min_ratio: float = 0.0,
+                 cos_min_ratio: float = 0.0001) -> None:
+        super().__init__(optimizer, lambda s: warmup_cosine_ratio(s + 1, warmup, total, warmup_min_ratio,
+                                                                  cos_min_ratio))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Its own state, or the state DeepSpeed's WarmupCosineLR saved (`{"last_batch_iteration": k - 1}` after k
+        steps: a checkpoint written before this class), resumed at the same step count. The first step after such a
+        resume runs at the rate the old schedule left in the optimizer's state; the next ones follow this schedule."""
+        if "lr_lambdas" not in state_dict and set(state_dict) == {"last_batch_iteration"}:
+            self.last_epoch = state_dict["last_batch_iteration"] + 1
+            return
+        super().load_state_dict(state_dict)

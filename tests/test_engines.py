@@ -149,6 +149,17 @@ def test_a_scheduler_other_than_a_linear_warmup_cosine_is_left_to_deepspeed():
     assert split_scheduler(log) == (log, None)
 
 
+@pytest.mark.parametrize("params, message", [
+    ({"warmup_type": "linear"}, "total_num_steps must be a non-negative int, got None"),
+    ({"warmup_type": "linear", "total_num_steps": 5, "warmup_max_lr": 1.0}, r"unknown params \['warmup_max_lr'\]"),
+])
+def test_a_linear_warmup_cosine_the_trainer_cannot_build_is_refused_naming_the_key(params, message):
+    from pg_deepspeed.distributed.lr_schedule import split_scheduler
+
+    with pytest.raises(ValueError, match=message):
+        split_scheduler({"scheduler": {"type": "WarmupCosineLR", "params": params}})
+
+
 # ------------------------------------------------------------------------------------- two ranks, ZeRO-3
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):

@@ -55,7 +55,7 @@ def split_scheduler(ds_config: dict):
     if params.get("last_batch_iteration", -1) != -1:
         raise ValueError("scheduler WarmupCosineLR: last_batch_iteration must be -1 (a resumed run restores the "
                          "schedule from its checkpoint)")
-    warmup, total = params["warmup_num_steps"], params["total_num_steps"]
+    warmup, total = params["warmup_num_steps"], params.get("total_num_steps")
     for name, value in (("warmup_num_steps", warmup), ("total_num_steps", total)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"scheduler WarmupCosineLR: {name} must be a non-negative int, got {value!r}")

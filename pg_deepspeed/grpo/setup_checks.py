@@ -12,6 +12,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pg_deepspeed.attention import check_backend_name
 from pg_deepspeed.distributed.ds_config import dtype_name, load_ds_config
 from pg_deepspeed.distributed.engines import check_patchable, load_config, load_tokenizer
+from pg_deepspeed.distributed.lr_schedule import split_scheduler
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
 from pg_deepspeed.distributed.sequence_parallel import gradient_scale
@@ -125,6 +126,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         total_steps=train.sft_warmup_steps + train.max_steps * grpo.num_iterations,
         sequence_parallel_size=dims.sp,
     )
+    try:
+        split_scheduler(ds_config)  # a schedule the policy's engine could not build, refused before any engine
+    except ValueError as error:
+        raise ValueError(f"--ds_config {train.ds_config}: {error}") from None
     try:
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:

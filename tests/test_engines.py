@@ -54,6 +54,112 @@ def test_no_checkpoint_means_none(tmp_path):
     assert latest_checkpoint(str(tmp_path)) is None
 
 
+def lrs_of_the_first_updates(monkeypatch, ds_config: dict, updates: int) -> list[float]:
+    """The learning rate each of the first `updates` optimizer steps of `init_policy`'s engine uses. deepspeed.initialize
+    is replaced by its scheduler logic alone (engine.py, _configure_lr_scheduler: a client scheduler first, else the
+    config's), driven as DeepSpeed's engine.step drives it: the optimizer steps, then the scheduler."""
+    import deepspeed
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    from types import SimpleNamespace
+    from pg_deepspeed.distributed import engines
+    from pg_deepspeed.distributed.parallel_dims import ParallelDims
+
+    model = torch.nn.Linear(2, 2)
+    built = {}
+
+    def initialize(model, model_parameters, config, lr_scheduler=None, mpu=None):
+        optimizer = torch.optim.AdamW(model_parameters, lr=config["optimizer"]["params"]["lr"])
+        if lr_scheduler is not None:
+            built["scheduler"] = lr_scheduler(optimizer)
+        else:
+            built["scheduler"] = WarmupCosineLR(optimizer, **config["scheduler"]["params"])
+        built["optimizer"] = optimizer
+        return SimpleNamespace(global_rank=1), optimizer, None, built["scheduler"]
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    monkeypatch.setattr(engines, "parallelize_sequence", lambda model, dims, config: model)
+    engines.init_policy(model, ds_config, dims=ParallelDims(1))
+    used = []
+    for _ in range(updates):
+        used.append(built["optimizer"].param_groups[0]["lr"])
+        built["optimizer"].step()
+        built["scheduler"].step()
+    return used
+
+
+def shipped_config(warmup_steps: int, total_steps: int, lr: float = 1e-5) -> dict:
+    from pg_deepspeed.distributed.ds_config import load_ds_config
+
+    return load_ds_config("ds_configs/zero3_cpu.json", micro_batch_size=2, gradient_accumulation_steps=1, world_size=2,
+                          hidden_size=8, dtype="float32", lr=lr, weight_decay=0.0, warmup_steps=warmup_steps,
+                          total_steps=total_steps)
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1])
+def test_the_first_optimizer_step_trains_at_the_peak_lr_when_the_warmup_is_one_step_or_none(monkeypatch,
+                                                                                            warmup_steps):
+    """--warmup_steps 1 (or 0), --max_steps 3: every one of the three steps moves the weights. DeepSpeed's own
+    WarmupCosineLR gave [0, 0, 5e-6]: a three-step run trained on one."""
+    used = lrs_of_the_first_updates(monkeypatch, shipped_config(warmup_steps, 3), 3)
+    assert used[0] == pytest.approx(1e-5)
+    assert used[0] > used[1] > used[2] == pytest.approx(1e-6)  # cosine down to cos_min_ratio 0.1 at the last step
+
+
+def test_a_linear_warmup_of_w_steps_reaches_the_peak_at_step_w_then_decays_to_the_floor_at_the_last(monkeypatch):
+    used = lrs_of_the_first_updates(monkeypatch, shipped_config(4, 10, lr=1.0), 10)
+    assert used[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(used[3:], used[4:]))
+    assert used[9] == pytest.approx(0.1)
+
+
+def test_the_schedule_resumes_from_its_own_state_and_from_a_checkpoint_of_deepspeeds_warmup_cosine():
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    from pg_deepspeed.distributed.lr_schedule import WarmupCosine
+
+    def schedule(**kwargs):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return optimizer, WarmupCosine(optimizer, 2, 10, cos_min_ratio=0.1, **kwargs)
+
+    optimizer, run = schedule()
+    for _ in range(5):
+        optimizer.step()
+        run.step()
+    _, resumed = schedule()
+    resumed.load_state_dict(run.state_dict())
+    old_optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    old = WarmupCosineLR(old_optimizer, 10, warmup_num_steps=2, warmup_type="linear", cos_min_ratio=0.1)
+    for _ in range(5):
+        old_optimizer.step()
+        old.step()
+    _, from_old = schedule()
+    from_old.load_state_dict(old.state_dict())  # {"last_batch_iteration": 4}: what checkpoints held until now
+    assert resumed.last_epoch == from_old.last_epoch == run.last_epoch == 5
+    for scheduler in (run, resumed, from_old):
+        scheduler.step()
+    assert resumed.get_last_lr() == from_old.get_last_lr() == run.get_last_lr() == [pytest.approx(
+        0.1 + 0.9 * (1 + math.cos(math.pi * 5 / 8)) / 2)]  # the rate of step 7 (of 10, after 2 of warm-up)
+
+
+def test_a_scheduler_other_than_a_linear_warmup_cosine_is_left_to_deepspeed():
+    from pg_deepspeed.distributed.lr_schedule import split_scheduler
+
+    config = {"optimizer": {}, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}}
+    assert split_scheduler(config) == (config, None)
+    log = {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 5}}}  # DeepSpeed's default: log
+    assert split_scheduler(log) == (log, None)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"warmup_type": "linear"}, "total_num_steps must be a non-negative int, got None"),
+    ({"warmup_type": "linear", "total_num_steps": 5, "warmup_max_lr": 1.0}, r"unknown params \['warmup_max_lr'\]"),
+])
+def test_a_linear_warmup_cosine_the_trainer_cannot_build_is_refused_naming_the_key(params, message):
+    from pg_deepspeed.distributed.lr_schedule import split_scheduler
+
+    with pytest.raises(ValueError, match=message):
+        split_scheduler({"scheduler": {"type": "WarmupCosineLR", "params": params}})
+
+
 # ------------------------------------------------------------------------------------- two ranks, ZeRO-3
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):

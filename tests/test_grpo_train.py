@@ -159,6 +159,15 @@ def test_ds_config_batch_size_contradicting_arguments_fails_fast(tmp_path):
     assert "train_micro_batch_size_per_gpu is 16 in the config but the arguments give 2" in err
 
 
+
+def test_a_warmup_cosine_schedule_without_its_total_fails_fast_naming_it(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    del config["scheduler"]["params"]["total_num_steps"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    err = train_fails_with(tmp_path, "--ds_config", str(path))
+    assert f"--ds_config {path}: scheduler WarmupCosineLR: total_num_steps must be a non-negative int" in err
+
 def save_tiny_mistral(model_dir, sliding_window: int) -> None:
     """A random-init Mistral over the char vocabulary whose window (shorter than its 4096 positions) is set."""
     config = MistralConfig(**{k: v for k, v in PRESETS["tiny-llama"].items() if k != "model_type"},
@@ -406,8 +415,7 @@ def fp32_weights(run, tag: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_the_run_goes_on(tmp_path):
-    """Rank 1's loss is NaN at step 3. DeepSpeed's warm-up gives the first two steps lr 0, so step 3 is the first
-    whose lr (logged after step 2) would move the weights."""
+    """Rank 1's loss is NaN at step 3, whose lr (logged after step 2) would move the weights."""
     out = tmp_path / "run"
     result = run_deepspeed("tests/dist/nonfinite_loss.py", *NONFINITE_ARGS, "--max_steps", "4",
                            "--output_dir", str(out), env={"NAN_STEPS": "3", "PYTHONPATH": DIST_ON_PATH})

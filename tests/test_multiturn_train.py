@@ -82,3 +82,43 @@ def test_three_steps_on_the_built_in_calculator_environment(model_dir, tmp_path)
     for r in rows:
         assert 1.0 <= r["turns_mean"] <= 3.0 and r["tool_calls_mean"] >= 0.0 and r["prefix_tokens_saved"] > 0
         assert r["loss"] == r["loss"] and "reward/environment" in r
+
+
+class LongPreamble:
+    """A user environment whose prompt is its own preamble, longer than the dataset's prompt."""
+
+    def reset(self, example: dict) -> list[dict]:
+        return [{"role": "user", "content": "x" * 300 + example["prompt"][-1]["content"]}]
+
+    def step(self, messages: list[dict]) -> tuple[list[dict], float | None, bool]:
+        return [], 0.0, True
+
+
+def plan(model_dir, tmp_path, environment: str, **grpo):
+    from pg_deepspeed.grpo.args import DataArguments, GRPOArguments, ModelArguments, TrainArguments
+    from pg_deepspeed.grpo.setup_checks import prepare
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes?"},
+                                           {"role": "user", "content": "2+3"}], "answer": "5"}) + "\n")
+    return prepare(ModelArguments(model=str(model_dir)), DataArguments(dataset=str(data)),
+                   GRPOArguments(environment=environment, max_completion_tokens=64, max_new_tokens=8, **grpo),
+                   TrainArguments(ds_config="ds_configs/zero3_cpu.json"))
+
+
+def test_an_environment_that_cannot_reset_the_data_is_refused_at_set_up_in_one_line(model_dir, tmp_path, monkeypatch):
+    """The calculator asks questions given as text; a conversational --dataset used to pass the set-up and fail at
+    the first rollout's reset, after the engines were built."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError) as error:
+        plan(model_dir, tmp_path, "calculator")
+    text = str(error.value)
+    assert text.startswith("--environment 'calculator': CalculatorEnvironment.reset raised ValueError (the "
+                           "calculator environment asks questions given as text, not as a conversation)"), text
+    assert "\n" not in text
+
+
+def test_the_longest_sequence_counts_the_prompt_the_environment_writes(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    setup = plan(model_dir, tmp_path, f"{__name__}:LongPreamble")
+    assert setup.max_length >= 300 + 64  # the environment's prompt, not the dataset's few characters, + the budget

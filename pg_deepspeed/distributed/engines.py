@@ -29,6 +29,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer
 from pg_deepspeed.demo.presets import PRESETS, is_preset, preset_config
 from pg_deepspeed.distributed.ds_config import precision, zero_stage
+from pg_deepspeed.distributed.lr_schedule import split_scheduler
 from pg_deepspeed.distributed.parallel_dims import ParallelDims
 from pg_deepspeed.distributed.sequence_parallel import parallelize_sequence, sequence_parallel_mpu
 from pg_deepspeed.models.patch import patch_model
@@ -111,14 +112,17 @@ def build_model(
 def init_policy(model: PreTrainedModel, ds_config: dict, *, dims: ParallelDims | None = None
                 ) -> deepspeed.DeepSpeedEngine:
     """``deepspeed.initialize`` with the optimizer and LR scheduler of the config, the model parallelized over
-    `dims` (default: every rank data parallel); rank 0 prints the config."""
+    `dims` (default: every rank data parallel); rank 0 prints the config. A linear WarmupCosineLR is built by
+    :mod:`pg_deepspeed.distributed.lr_schedule` (DeepSpeed's own trains the first two steps at lr 0)."""
     if "optimizer" not in ds_config:
         raise ValueError("the DeepSpeed config has no 'optimizer' section; the policy needs one")
     dims = dims or ParallelDims(dist.get_world_size())
+    config, lr_scheduler = split_scheduler(copy.deepcopy(ds_config))
     engine, *_ = deepspeed.initialize(
         model=parallelize_sequence(model, dims, ds_config),
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=copy.deepcopy(ds_config),
+        config=config,
+        lr_scheduler=lr_scheduler,
         mpu=sequence_parallel_mpu(dims),
     )
     if engine.global_rank == 0:

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from pg_deepspeed.attention import check_backend_name
 from pg_deepspeed.distributed.ds_config import dtype_name, load_ds_config
 from pg_deepspeed.distributed.engines import check_patchable, load_config, load_tokenizer
+from pg_deepspeed.distributed.lr_schedule import split_scheduler
 from pg_deepspeed.distributed.parallel_dims import ParallelDims, ranks_per_node
 from pg_deepspeed.distributed.rollout_weights import GATHER_MODES
 from pg_deepspeed.distributed.sequence_parallel import gradient_scale
@@ -23,11 +24,12 @@ from pg_deepspeed.grpo.args import (DEFAULT_CURRICULUM_START, DEFAULT_SFT_WARMUP
                                     ModelArguments, TrainArguments)
 from pg_deepspeed.grpo.chat_turns import ChatTurns
 from pg_deepspeed.grpo.data import SFT_OFFSET, Curriculum, FileDataset, PromptSource, build_source, longest_prompt
-from pg_deepspeed.grpo.environments import ENVIRONMENT_REWARD, load_environment, with_environment
+from pg_deepspeed.grpo.environments import (ENVIRONMENT_REWARD, EnvironmentFault, checked_reset, load_environment,
+                                            with_environment)
 from pg_deepspeed.grpo.evaluation import EvalSet, held_out
 from pg_deepspeed.grpo.gym_tasks import ReasoningGymTask, is_reasoning_gym
 from pg_deepspeed.grpo.loss import AGGREGATIONS
-from pg_deepspeed.grpo.multiturn import Conversations, MultiTurnOptions, parse_branching
+from pg_deepspeed.grpo.multiturn import Conversations, MultiTurnOptions, example_row, parse_branching
 from pg_deepspeed.grpo.prompts import PromptFormat
 from pg_deepspeed.grpo.tracking import check_report_to
 from pg_deepspeed.grpo.rewards import RewardFunctions, check_reward_options, resolve_rewards
@@ -93,6 +95,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
     source, eval_set = held_out(data_args, source, train.seed)
     if eval_set is not None:
         max_length = max(max_length, check_eval_lengths(prompt_format, eval_set, config, after_prompt))
+    chat_turns = ChatTurns(prompt_format, getattr(environment, "tools", None)) if environment else None
+    if environment is not None:  # what the rollout's first prompts really are: the environment's reset
+        max_length = max(max_length, check_environment_reset(grpo.environment, environment, chat_turns, source,
+                                                             eval_set, config, after_prompt))
     check_patchable(config, max_length)
     if grpo.rollout_engine == "vllm":
         try:
@@ -126,12 +132,15 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, grpo: GRPOArgu
         sequence_parallel_size=dims.sp,
     )
     try:
+        split_scheduler(ds_config)  # a schedule the policy's engine could not build, refused before any engine
+    except ValueError as error:
+        raise ValueError(f"--ds_config {train.ds_config}: {error}") from None
+    try:
         gradient_scale(ds_config, dims.sp)
     except ValueError as error:
         raise ValueError(f"--sequence_parallel_size {dims.sp}: {error}") from None
     return TrainingSetup(model_args, data_args, grpo, train, dims, tokenizer, prompt_format, config, source, eval_set,
-                         rewards, ds_config, max_length, environment, multiturn,
-                         ChatTurns(prompt_format, getattr(environment, "tools", None)) if environment else None)
+                         rewards, ds_config, max_length, environment, multiturn, chat_turns)
 
 
 def check_args(model: ModelArguments, grpo: GRPOArguments, train: TrainArguments) -> None:
@@ -245,6 +254,32 @@ def check_prompt_lengths(prompt_format: PromptFormat, source: PromptSource, conf
         raise ValueError(f"{where}: the prompt is {longest} tokens; with --max_new_tokens {max_new_tokens} it exceeds "
                          f"the model's max_position_embeddings ({limit})")
     return longest + max_new_tokens
+
+
+def check_environment_reset(spec: str, environment: type, turns: ChatTurns, source: PromptSource,
+                            eval_set: EvalSet | None, config, after_prompt: int) -> int:
+    """--environment: a fresh environment reset, as the rollout resets it, on the first training example and the first
+    held-out one; returns the longest of those prompts (the template's rendering of its messages) + `after_prompt`.
+    A reset that fails (an environment that cannot read the data: the calculator given a conversation) or a prompt
+    past the model's positions is refused in one line naming --environment and the example, before any engine is
+    built. Only these examples are reset: an environment's prompt of another row may still be longer."""
+    limit = getattr(config, "max_position_embeddings", None)
+    cases = [("the first training example", source.example(0))]
+    if eval_set is not None:
+        cases.append((f"{eval_set.name}, example 0", eval_set.examples[0]))
+    longest = 0
+    for where, example in cases:
+        try:
+            length = len(turns.prompt_ids(turns.first_messages(checked_reset(environment(), example_row(example),
+                                                                             where))))
+        except (EnvironmentFault, ValueError) as error:
+            raise ValueError(f"--environment {spec!r}: {error}") from None
+        if limit is not None and length + after_prompt > limit:
+            raise ValueError(f"--environment {spec!r}: its prompt for {where} is {length} tokens; with "
+                             f"--max_completion_tokens {after_prompt} it exceeds the model's max_position_embeddings "
+                             f"({limit})")
+        longest = max(longest, length)
+    return longest + after_prompt
 
 
 def check_eval_lengths(prompt_format: PromptFormat, eval_set: EvalSet, config, max_new_tokens: int) -> int:

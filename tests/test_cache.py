@@ -254,6 +254,12 @@ def test_zero3_rollouts_gathering_once_or_per_layer_give_identical_completions(t
             assert (r[f"{phase}/shared/per_layer/9"]["all_gathers"] > r[f"{phase}/shared/per_layer/3"]["all_gathers"]
                     > 0)
         assert r["before_step/shared/full/9"]["completions"] != r["after_step/shared/full/9"]["completions"]
+        # the held-out evaluation (3 batches, greedy and sampled each) gathers the whole model once under "full"
+        evaluations = {g: r[f"evaluation/{g}"] for g in ("per_layer", "full")}
+        assert evaluations["full"]["metrics"] == evaluations["per_layer"]["metrics"]
+        assert 0 < evaluations["full"]["metrics"]["eval/reward_mean"] < 1
+        assert evaluations["full"]["all_gathers"] == r["whole_model_gathers"] > 0
+        assert evaluations["per_layer"]["all_gathers"] > evaluations["full"]["all_gathers"]
     assert ranks[0]["before_step/shared/full/9"]["completions"] != ranks[1]["before_step/shared/full/9"]["completions"]
 
 

@@ -88,11 +88,12 @@ def train_loop(setup: TrainingSetup, rank: int, device: torch.device) -> None:
             batch.token_weights, importance = truncated_importance_weights(
                 batch.old_logps, batch.rollout_logps, batch.trained_mask, grpo.rollout_importance_cap)
             fresh.update(importance)
+        lr = policy.get_lr()[0]  # the rate this step's (first) optimizer step uses; get_lr() after it is the next's
         stats = update(policy, batch, grpo, train, nonfinite, step)
         timings = {"step_time_s": time.perf_counter() - t0, "rollout_time_s": t_rollout,
                    "rollout_peak_mem_bytes": float(rollout_peak.bytes), **synced, **slept}
         logger.log({"step": step, **step_metrics(batch, stats, timings, setup), **fresh,
-                    **evaluation_at(step, setup, policy, rank, device, vllm), "lr": policy.get_lr()[0],
+                    **evaluation_at(step, setup, policy, rank, device, vllm), "lr": lr,
                     "world_size": dims.world, "sequence_parallel_size": dims.sp, "node_ranks": nodes})
         if train.log_completions_steps and step % train.log_completions_steps == 0:
             logger.log_completions(step, replica_samples(batch, dims))

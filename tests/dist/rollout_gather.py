@@ -4,7 +4,9 @@
 
 A tiny Qwen2 policy built sharded (zero.Init) samples the same prompts with the same seed under
 `--rollout_gather per_layer` and `full`, with the shared and the repeated cache, then takes one optimizer step and
-samples again in both modes (the ZeRO-3 hooks must work again after a gathered rollout). Each rank has its own
+samples again in both modes (the ZeRO-3 hooks must work again after a gathered rollout), and runs the held-out
+evaluation (three batches, greedy and sampled each) in both modes, counting its all-gathers against one gather of the
+whole model. Each rank has its own
 prompts, so the ranks finish at different tokens; their prompt widths differ too, so a chunked prefill under
 per-layer gathering (a collective per forward) must agree on one number of chunks. It counts the all-gathers that
 torch.distributed sees during each rollout's decode loop (after the context's own gather), at two completion lengths.
@@ -27,7 +29,14 @@ from pg_deepspeed.distributed.engines import build_model, init_policy  # noqa: E
 from pg_deepspeed.distributed.ds_config import load_ds_config  # noqa: E402
 from pg_deepspeed.distributed.rollout_weights import gathered_for_generation  # noqa: E402
 from pg_deepspeed.generation.sampling import generate  # noqa: E402
+from pg_deepspeed.demo.char_tokenizer import build_char_tokenizer  # noqa: E402
 from pg_deepspeed.demo.presets import preset_config  # noqa: E402
+from pg_deepspeed.distributed.parallel_dims import ParallelDims  # noqa: E402
+from pg_deepspeed.grpo.args import GRPOArguments, TrainArguments  # noqa: E402
+from pg_deepspeed.grpo.data import Example  # noqa: E402
+from pg_deepspeed.grpo.evaluation import EvalSet, evaluate  # noqa: E402
+from pg_deepspeed.grpo.prompts import PromptFormat  # noqa: E402
+from pg_deepspeed.grpo.rewards import resolve_rewards  # noqa: E402
 
 MODEL, SEED = "tiny-qwen2", 4321
 
@@ -51,6 +60,29 @@ def rollout(engine, gather: str, cache: str, steps: int, rank: int, prefill_chun
                        prefill_chunk=prefill_chunk)
     engine.module.train()
     return out.completion_ids.tolist(), gather_count.COUNT[0]
+
+
+def evaluation(engine, gather: str, rank: int) -> tuple[dict, int]:
+    """The held-out evaluation of 12 examples (6 per rank, 2 per batch: 3 batches, each greedy and sampled) under
+    `--rollout_gather gather`; (its metrics, the all-gathers it made)."""
+    tokenizer = build_char_tokenizer()
+    eval_set = EvalSet("sums", [Example(f"{a}+{a + 1}=", str(2 * a + 1)) for a in range(12)])
+    # the share of digits in a completion: a score that tells a random model's samples apart (exact matches are 0)
+    rewards = resolve_rewards(["varied_reward:digit_share"], None, synthetic=False, format_reward=0.0)
+    grpo = GRPOArguments(max_new_tokens=4, rollout_gather=gather)
+    train = TrainArguments(ds_config="-", prompts_per_device=2, seed=SEED)
+    gather_count.COUNT[0] = 0
+    result = evaluate(engine, PromptFormat(tokenizer), eval_set, rewards, grpo, train, ParallelDims(2), rank,
+                      torch.device("cpu"), step=1)
+    return result, gather_count.COUNT[0]
+
+
+def whole_model_gathers(engine) -> int:
+    """The all-gathers of gathering the whole model once."""
+    gather_count.COUNT[0] = 0
+    with gathered_for_generation(engine, "full"):
+        pass
+    return gather_count.COUNT[0]
 
 
 def train_step(engine, rank: int) -> None:
@@ -88,6 +120,10 @@ def main() -> None:
             p.ds_status.name == "NOT_AVAILABLE" or getattr(p, "ds_persist", False)
             for p in engine.module.parameters())
         if phase == "before_step":
+            result["whole_model_gathers"] = whole_model_gathers(engine)
+            for gather in ("per_layer", "full"):
+                metrics, gathers = evaluation(engine, gather, rank)
+                result[f"evaluation/{gather}"] = {"metrics": metrics, "all_gathers": gathers}
             train_step(engine, rank)
     results = [None, None]
     dist.all_gather_object(results, result)

@@ -4,6 +4,7 @@ work. Run by `make test-vllm`; skipped where vLLM is not installed."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,16 +101,18 @@ def test_a_sync_that_misses_one_weight_stops_the_run_naming_it(tmp_path):
 
 @pytest.mark.distributed
 def test_a_resumed_run_samples_what_the_uninterrupted_run_sampled(three_steps, tmp_path):
-    """Same seed; the run stops after step 2 and resumes from its checkpoint: step 3's completions are the
-    uninterrupted run's (vLLM's seeds come from the run's seed, the step and the replica)."""
+    """Same seed; the uninterrupted run as if it had stopped after step 2 (its step_2 checkpoint, written under the
+    same 3-step schedule, and its logs up to step 2) resumes: step 3's completions are the uninterrupted run's (vLLM's
+    seeds come from the run's seed, the step and the replica)."""
     uninterrupted, _ = three_steps
     out = tmp_path / "run"
-    first = run_deepspeed("launch/train.py", *ARGS, *TIS, "--max_steps", "2", "--save_steps", "1", "--no_export",
-                          "--output_dir", str(out), env=ENV)
-    assert first.returncode == 0, first.stdout[-6000:]
-    # the same schedule as the 3-step run: --max_steps sets the cosine decay, so the resumed run asks for 3
+    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns("step_3", "export"))
+    (out / "checkpoints" / "latest").write_text("step_2")
+    for log in ("metrics.jsonl", "completions.jsonl"):
+        kept = [line for line in (out / log).read_text().splitlines(True) if json.loads(line)["step"] <= 2]
+        (out / log).write_text("".join(kept))
     resumed = run_deepspeed("launch/train.py", *ARGS, *TIS, "--max_steps", "3", "--save_steps", "1", "--no_export",
-                            "--resume", "--output_dir", str(out), env=ENV)
+                            "--eval_examples", "4", "--resume", "--output_dir", str(out), env=ENV)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert "resumed from step 2" in resumed.stdout
     assert [r["completion"] for r in completions(out, 3)] == [r["completion"] for r in completions(uninterrupted, 3)]

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from pg_deepspeed.models.sequence_shards import check_head_split
+
 
 def ranks_per_node(default: int) -> int:
     """The ranks on this rank's node, as its launcher says: the DeepSpeed launcher's LOCAL_SIZE, else torchrun's
@@ -40,11 +42,4 @@ class ParallelDims:
 
     def check_model(self, config: Any) -> None:
         """Refuse an `sp` that does not split the model's attention heads (Ulysses all-to-alls heads)."""
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        if heads % self.sp:
-            raise ValueError(f"sequence_parallel_size={self.sp} does not divide the model's {heads} attention heads")
-        if kv_heads % self.sp and self.sp % kv_heads:
-            raise ValueError(f"sequence_parallel_size={self.sp} and the model's {kv_heads} key/value heads: neither "
-                             "divides the other")
+        check_head_split(config, self.sp, name="sequence_parallel_size=")

